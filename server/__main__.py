@@ -1,0 +1,53 @@
+"""Command line: `loraserve serve [...]` (also `python -m server serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from server.config import ConfigError, load_settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraserve", description="Multi-LoRA inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the HTTP API")
+    serve.add_argument("--config", help="YAML config (default: configs/default.yaml)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--model", help='"default", a local HF model directory, or a hub id')
+    serve.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    serve.add_argument("--threads", type=int, help="torch CPU threads (0 = all cores)")
+    for name in ("max_input_length", "max_total_tokens", "max_batch_total_tokens", "max_batch_prefill_tokens",
+                 "max_batch_size", "max_concurrent_requests", "max_stop_sequences", "max_active_adapters"):
+        serve.add_argument("--" + name.replace("_", "-"), dest=name, type=int)
+    serve.add_argument("--log-level", default=os.environ.get("LORASERVE_LOG_LEVEL", "info"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level")}
+    try:
+        settings = load_settings(args.config, overrides)
+    except ConfigError as exc:
+        print(f"loraserve: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import uvicorn
+
+    from server.api.app import create_app
+    from server.engine.builder import build_engine
+
+    app = create_app(settings, build_engine)
+    uvicorn.run(app, host=settings.http.host, port=settings.http.port, log_level=args.log_level.lower())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

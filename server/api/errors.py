@@ -1,0 +1,59 @@
+"""One place that turns exceptions into each route family's error body.
+
+Native routes answer {"error", "error_type"} (LoRAX's shape); routes under /v1 answer OpenAI's
+{"error": {"message", "type", "param", "code"}}. Every error is JSON, whatever went wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.errors import ServingError
+
+log = logging.getLogger(__name__)
+
+_HTTP_ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                     413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+def error_body(path: str, status: int, error_type: str, message: str) -> dict:
+    if "/v1/" in path or path.endswith("/v1"):
+        return {"error": {"message": message, "type": error_type, "param": None, "code": status}}
+    return {"error": message, "error_type": error_type}
+
+
+def error_response(request: Request, status: int, error_type: str, message: str) -> JSONResponse:
+    return JSONResponse(error_body(request.url.path, status, error_type, message), status_code=status)
+
+
+def describe_validation_error(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServingError)
+    async def _serving(request: Request, exc: ServingError) -> JSONResponse:
+        return error_response(request, exc.status_code, exc.error_type, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request, 422, "validation", describe_validation_error(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
+        return error_response(request, exc.status_code, error_type, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(request, 500, "internal", f"internal error: {type(exc).__name__}")

@@ -1,0 +1,149 @@
+"""Frozen configuration for every layer, built from YAML, then LORASERVE_* env vars, then CLI flags.
+
+Each component receives only its own section (ModelConfig, Limits, HttpConfig); all of them are
+validated on construction so a bad value stops the server at start with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+ENV_PREFIX = "LORASERVE_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str = "default"
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _check_min("threads", self.threads, 0)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Every token, sequence and adapter budget the scheduler enforces."""
+
+    max_input_length: int = 1792
+    max_total_tokens: int = 2048
+    max_batch_total_tokens: int = 32768
+    max_batch_prefill_tokens: int = 2048
+    max_batch_size: int = 32
+    max_concurrent_requests: int = 128
+    max_stop_sequences: int = 4
+    max_active_adapters: int = 8
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_min(f.name, getattr(self, f.name), 1)
+        if self.max_input_length >= self.max_total_tokens:
+            raise ConfigError(
+                f"max_input_length ({self.max_input_length}) must be < max_total_tokens ({self.max_total_tokens})"
+            )
+        if self.max_total_tokens > self.max_batch_total_tokens:
+            raise ConfigError(
+                f"max_total_tokens ({self.max_total_tokens}) must be <= max_batch_total_tokens "
+                f"({self.max_batch_total_tokens}): one request must fit in the batch"
+            )
+        if self.max_input_length > self.max_batch_prefill_tokens:
+            raise ConfigError(
+                f"max_input_length ({self.max_input_length}) must be <= max_batch_prefill_tokens "
+                f"({self.max_batch_prefill_tokens}): a full prompt must fit in one prefill"
+            )
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    limits: Limits = field(default_factory=Limits)
+    http: HttpConfig = field(default_factory=HttpConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"model": ModelConfig, "limits": Limits, "http": HttpConfig}
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_min(name: str, value: int, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def _coerce(name: str, raw: Any, target: type) -> Any:
+    if target is int and isinstance(raw, str):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer; got {raw!r}") from None
+    return raw
+
+
+def _section_of(key: str) -> type:
+    for cls in _SECTIONS.values():
+        if key in {f.name for f in fields(cls)}:
+            return cls
+    raise ConfigError(f"unknown configuration key {key!r}")
+
+
+def load_settings(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """YAML file, then LORASERVE_<KEY> environment variables, then explicit overrides (CLI flags)."""
+    path = Path(path) if path else DEFAULT_CONFIG_PATH
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    flat: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(flat, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
+    environ = os.environ if environ is None else environ
+    for key in (f.name for section in _SECTIONS.values() for f in fields(section)):
+        env_value = environ.get(ENV_PREFIX + key.upper())
+        if env_value is not None:
+            flat[key] = env_value
+    flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return _build(flat)
+
+
+def _build(flat: Mapping[str, Any]) -> Settings:
+    per_section: dict[type, dict[str, Any]] = {cls: {} for cls in _SECTIONS.values()}
+    for key, raw in flat.items():
+        cls = _section_of(key)
+        target = {f.name: f.type for f in fields(cls)}[key]
+        per_section[cls][key] = _coerce(key, raw, int if target in ("int", int) else str)
+    try:
+        return Settings(**{name: cls(**per_section[cls]) for name, cls in _SECTIONS.items()})
+    except TypeError as exc:  # e.g. a list where a number belongs
+        raise ConfigError(str(exc)) from None

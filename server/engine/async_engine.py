@@ -1,0 +1,155 @@
+"""The asyncio face of the engine: validate and admit a request, then stream its events.
+
+Validation and admission happen synchronously in `submit`, so an HTTP route can still answer
+422/429 before it commits to a 200 stream. Every limit a single request can break is checked here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+from typing import AsyncIterator, Optional
+
+import torch
+
+from server.config import Limits
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.engine import Engine
+from server.engine.request import (
+    FinishReason,
+    LogitsProcessor,
+    Request,
+    RequestEvent,
+    SamplingParams,
+    StopCriteria,
+)
+from server.errors import OverloadedError, UnavailableError, ValidationError
+from server.model.loader import LoadedModel
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    """A validated, API-independent generation request."""
+
+    prompt: str
+    params: SamplingParams
+    max_new_tokens: Optional[int] = None  # None: the rest of max_total_tokens
+    stop_sequences: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    truncate: Optional[int] = None
+    adapter_id: Optional[str] = None
+    processors: tuple[LogitsProcessor, ...] = ()
+
+
+class RequestHandle:
+    """An admitted request: iterate for its events; leaving the loop early cancels it."""
+
+    def __init__(self, request: Request, events: asyncio.Queue, engine: "AsyncEngine") -> None:
+        self.request, self._events, self._engine = request, events, engine
+
+    async def __aiter__(self) -> AsyncIterator[RequestEvent]:
+        try:
+            while True:
+                event: RequestEvent = await self._events.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._engine._release(self.request)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, loaded: LoadedModel, limits: Limits) -> None:
+        self.engine, self.loaded, self.limits = engine, loaded, limits
+        self._in_flight: set[Request] = set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.loaded.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def submit(self, inp: GenerationInput) -> RequestHandle:
+        """Validate, admit and queue. Raises ValidationError, OverloadedError or UnavailableError."""
+        if not self.engine.alive:
+            raise UnavailableError("the engine is not running")
+        prompt_ids = self._prompt_ids(inp)
+        max_new = self._max_new_tokens(inp, len(prompt_ids))
+        if len(self._in_flight) >= self.limits.max_concurrent_requests:
+            raise OverloadedError(
+                f"server is at max_concurrent_requests ({self.limits.max_concurrent_requests}); retry later"
+            )
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[RequestEvent] = asyncio.Queue()
+        request = Request(
+            prompt_ids=prompt_ids,
+            params=inp.params,
+            stop=StopCriteria(max_new, inp.stop_sequences, inp.ignore_eos),
+            detokenizer=IncrementalDetokenizer(self.loaded.tokenizer, prompt_ids, self.loaded.special_token_ids),
+            sink=_threadsafe_sink(loop, events),
+            adapter_id=inp.adapter_id,
+            processors=list(inp.processors),
+            generator=_generator(inp.params, self.loaded.device),
+        )
+        self._in_flight.add(request)
+        self.engine.submit(request)
+        return RequestHandle(request, events, self)
+
+    def _release(self, request: Request) -> None:
+        if not request.is_finished:
+            self.engine.cancel(request)
+        self._in_flight.discard(request)
+
+    def _prompt_ids(self, inp: GenerationInput) -> list[int]:
+        if not inp.prompt:
+            raise ValidationError("`inputs` must not be empty")
+        ids = self.tokenize(inp.prompt)
+        if inp.truncate is not None:
+            ids = ids[-inp.truncate :]
+        if len(ids) > self.limits.max_input_length:
+            raise ValidationError(
+                f"`inputs` must have less than {self.limits.max_input_length} tokens. "
+                f"Given: {len(ids)}"
+            )
+        return ids
+
+    def _max_new_tokens(self, inp: GenerationInput, prompt_len: int) -> int:
+        room = self.limits.max_total_tokens - prompt_len
+        if inp.max_new_tokens is None:
+            return room
+        if inp.max_new_tokens > room:
+            raise ValidationError(
+                f"`inputs` tokens + `max_new_tokens` must be <= {self.limits.max_total_tokens}. "
+                f"Given: {prompt_len} `inputs` tokens and {inp.max_new_tokens} `max_new_tokens`"
+            )
+        return inp.max_new_tokens
+
+
+def _threadsafe_sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+    def sink(event: RequestEvent) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    return sink
+
+
+def _generator(params: SamplingParams, device: torch.device) -> Optional[torch.Generator]:
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(params.seed if params.seed is not None else random.randrange(2**63))
+    return generator
+
+
+def resolved_seed(request: Request) -> Optional[int]:
+    return None if request.generator is None else request.generator.initial_seed()
+
+
+__all__ = ["AsyncEngine", "GenerationInput", "RequestHandle", "FinishReason", "resolved_seed"]

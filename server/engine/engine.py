@@ -1,0 +1,162 @@
+"""The engine loop: plan a step, run it, sample, hand tokens back. Runs on its own thread.
+
+A failure inside one row fails that request; a failure of a whole forward pass fails that
+pass's requests; neither stops the loop. Only an error in the loop's own bookkeeping is fatal,
+and it marks the engine dead so /health turns 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Optional
+
+import torch
+
+from server.engine import sampler
+from server.engine.request import FinishReason, Request, RequestEvent, TokenInfo
+from server.engine.runner import ModelRunner
+from server.engine.sampler import SampledToken
+from server.engine.scheduler import BatchPlan, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_ids: frozenset[int]) -> None:
+        self.runner, self.scheduler, self.eos_token_ids = runner, scheduler, eos_token_ids
+        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.fatal_error: Optional[BaseException] = None
+        self.steps = 0
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def step(self) -> bool:
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return False
+        logits = self._forward(plan)  # [rows, vocab] or None if the pass failed
+        if logits is not None:
+            self._advance(plan, logits)
+        self._retire()
+        return True
+
+    def run_forever(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._drain_inbox(block=self.scheduler.num_requests == 0)
+                if self.step():
+                    self.steps += 1
+        except BaseException as exc:  # a bug in the loop itself: fail everyone, report dead
+            log.exception("engine loop died")
+            self.fatal_error = exc
+            self._fail_all(f"engine failure: {exc}")
+
+    # -- threading ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run_forever, name="engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._inbox.put(None)  # type: ignore[arg-type]  # wakes a blocked drain
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self.fatal_error is None and (self._thread is None or self._thread.is_alive())
+
+    def submit(self, request: Request) -> None:
+        """Thread-safe: queue a request for the engine thread."""
+        self._inbox.put(request)
+
+    def cancel(self, request: Request) -> None:
+        """Thread-safe: the request leaves the batch at the end of the current step."""
+        request.cancel_requested = True
+        self._inbox.put(None)  # type: ignore[arg-type]
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                if item is not None:
+                    self.scheduler.add(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            return
+
+    # -- one step's pieces ----------------------------------------------------------------------
+    def _forward(self, plan: BatchPlan) -> Optional[torch.Tensor]:
+        try:
+            return self.runner.run(plan)
+        except Exception as exc:
+            log.exception("forward pass failed for %d requests", len(plan.requests))
+            for request in plan.requests:
+                request.finish(FinishReason.ERROR, f"forward pass failed: {exc}")
+            return None
+
+    def _advance(self, plan: BatchPlan, logits: torch.Tensor) -> None:
+        requests = plan.requests
+        greedy_rows = sampler.plain_greedy_rows(requests)
+        picked: dict[int, SampledToken] = {}
+        if greedy_rows:
+            picked = dict(zip(greedy_rows, sampler.greedy_batch(logits[greedy_rows])))
+        for row, request in enumerate(requests):
+            if request.is_finished or request.cancel_requested:
+                continue
+            try:
+                token = picked.get(row) or sampler.sample_row(logits[row], request)
+                self._accept(request, token)
+            except Exception as exc:
+                log.exception("request %s failed while sampling", request.id)
+                request.finish(FinishReason.ERROR, f"sampling failed: {exc}")
+
+    def _accept(self, request: Request, token: SampledToken) -> None:
+        request.output_ids.append(token.token_id)
+        request.output_logprobs.append(token.logprob)
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        detok = request.detokenizer
+        special = detok.is_special(token.token_id)
+        text = detok.special_text(token.token_id) if special else detok.add(token.token_id)
+        info = TokenInfo(token.token_id, text, token.logprob, special)
+        reason = self._finish_reason(request, token.token_id, text)
+        if reason is None:
+            request.sink(RequestEvent(token=info))
+        else:
+            request.finish(reason, token=info)
+
+    def _finish_reason(self, request: Request, token_id: int, delta: str) -> Optional[FinishReason]:
+        if token_id in self.eos_token_ids and not request.stop.ignore_eos:
+            return FinishReason.EOS
+        if delta and _matches_stop(request.output_text, delta, request.stop.stop_sequences):
+            return FinishReason.STOP
+        if request.num_generated >= request.stop.max_new_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _retire(self) -> None:
+        done = self.scheduler.finished_or_cancelled()
+        for request in done:
+            request.finish(FinishReason.CANCELLED)  # no-op for requests that already finished
+        self.scheduler.retire(done)
+
+    def _fail_all(self, message: str) -> None:
+        for request in (*self.scheduler.running, *self.scheduler.waiting):
+            request.finish(FinishReason.ERROR, message)
+        try:
+            while True:
+                item = self._inbox.get_nowait()
+                if item is not None:
+                    item.finish(FinishReason.ERROR, message)
+        except queue.Empty:
+            pass
+
+
+def _matches_stop(text: str, delta: str, stops: tuple[str, ...]) -> bool:
+    """True if a stop sequence ends inside the newest `delta` (matched on text, across tokens)."""
+    return any(stop in text[-(len(stop) + len(delta) - 1) :] for stop in stops if stop)

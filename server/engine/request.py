@@ -1,0 +1,138 @@
+"""The request object: everything one generation owns, from prompt ids to its stop state.
+
+The HTTP layer builds a Request from validated parameters; the engine thread mutates it; events
+flow back through `sink`, a thread-safe callable supplied by the async client.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable, Optional
+
+import torch
+
+from server.engine.detokenizer import IncrementalDetokenizer
+
+_ids = itertools.count()
+
+
+class RequestStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class FinishReason(str, Enum):
+    LENGTH = "length"
+    EOS = "eos_token"
+    STOP = "stop_sequence"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    do_sample: bool = False
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+@dataclass(frozen=True)
+class StopCriteria:
+    max_new_tokens: int
+    stop_sequences: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    id: int
+    text: str
+    logprob: float
+    special: bool
+
+
+@dataclass(frozen=True)
+class RequestEvent:
+    """One token (with its text delta), the final state, or an error, sent to the HTTP side."""
+
+    token: Optional[TokenInfo] = None
+    finish_reason: Optional[FinishReason] = None
+    error: Optional[str] = None
+
+
+LogitsProcessor = Callable[[torch.Tensor, "Request"], torch.Tensor]  # ([vocab], request) -> [vocab]
+
+
+@dataclass(eq=False)
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop: StopCriteria
+    detokenizer: IncrementalDetokenizer
+    sink: Callable[[RequestEvent], None]
+    adapter_id: Optional[str] = None
+    processors: list[LogitsProcessor] = field(default_factory=list)
+    id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[float] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: Optional[FinishReason] = None
+    slot: Optional[int] = None
+    generator: Optional[torch.Generator] = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_token_time: Optional[float] = None
+    cancel_requested: bool = False
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_ids)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.num_prompt_tokens + self.num_generated
+
+    @property
+    def max_total_tokens(self) -> int:
+        """Tokens this request may ever hold in the KV cache: its reservation in the batch budget."""
+        return self.num_prompt_tokens + self.stop.max_new_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def output_text(self) -> str:
+        return self.detokenizer.text
+
+    def finish(self, reason: FinishReason, error: Optional[str] = None, token: Optional[TokenInfo] = None) -> None:
+        """Mark finished and send the last event (carrying the final token, if one ended it)."""
+        if self.is_finished:
+            return
+        self.status, self.finish_reason = RequestStatus.FINISHED, reason
+        self.sink(RequestEvent(token=token, finish_reason=reason, error=error))

@@ -1,0 +1,97 @@
+"""Choosing the next token of every row: penalties, per-request processors, warpers, sampling.
+
+Pure functions over logits rows. Greedy rows without penalties or processors take a batched
+fast path; the rest are handled row by row so one row's failure is that row's alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from server.engine.request import Request, SamplingParams
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float
+
+
+def apply_penalties(
+    logits: torch.Tensor, params: SamplingParams, prompt_ids: list[int], output_ids: list[int]
+) -> torch.Tensor:
+    """logits: [vocab]. Repetition penalty (CTRL/HF style) over prompt+output; OpenAI-style
+    frequency and presence penalties over generated tokens only."""
+    logits = logits.clone()
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(prompt_ids) | set(output_ids)), dtype=torch.long, device=logits.device)
+        values = logits[seen]
+        penalised = torch.where(values < 0, values * params.repetition_penalty, values / params.repetition_penalty)
+        logits[seen] = penalised
+    if output_ids and (params.frequency_penalty or params.presence_penalty):
+        counts = torch.bincount(torch.tensor(output_ids, device=logits.device), minlength=logits.shape[-1])
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return logits
+
+
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k, top-p and typical-p filtering of one row of logits ([vocab])."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= params.top_p  # always keeps the top token
+        logits = logits.masked_fill(drop_sorted.scatter(0, order, drop_sorted), float("-inf"))
+    if params.typical_p < 1.0:
+        logits = _typical_filter(logits, params.typical_p)
+    return logits
+
+
+def _typical_filter(logits: torch.Tensor, mass: float) -> torch.Tensor:
+    log_probs = logits.log_softmax(-1)
+    probs = log_probs.exp()
+    entropy = -(torch.nan_to_num(probs * log_probs)).sum()
+    surprise_gap = (-log_probs - entropy).abs()
+    order = surprise_gap.argsort()
+    cumulative = probs[order].cumsum(-1)
+    keep_count = int((cumulative < mass).sum().item()) + 1
+    drop = torch.ones_like(logits, dtype=torch.bool)
+    drop[order[:keep_count]] = False
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_row(logits: torch.Tensor, request: Request) -> SampledToken:
+    """logits: [vocab] float32 for one request."""
+    params = request.params
+    if params.has_penalties:
+        logits = apply_penalties(logits, params, request.prompt_ids, request.output_ids)
+    for processor in request.processors:
+        logits = processor(logits, request)
+    if params.greedy:
+        token = int(torch.argmax(logits))
+        return SampledToken(token, float(logits.log_softmax(-1)[token]))
+    warped = warp(logits, params)
+    log_probs = warped.log_softmax(-1)
+    token = int(torch.multinomial(log_probs.exp(), 1, generator=request.generator))
+    return SampledToken(token, float(log_probs[token]))
+
+
+def greedy_batch(logits: torch.Tensor) -> list[SampledToken]:
+    """logits: [rows, vocab]. Batched argmax for plain greedy rows."""
+    tokens = logits.argmax(-1)  # [rows]
+    logprobs = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)  # [rows]
+    return [SampledToken(int(t), float(lp)) for t, lp in zip(tokens.tolist(), logprobs.tolist())]
+
+
+def is_plain_greedy(request: Request) -> bool:
+    return request.params.greedy and not request.params.has_penalties and not request.processors
+
+
+def plain_greedy_rows(requests: Sequence[Request]) -> list[int]:
+    return [i for i, r in enumerate(requests) if is_plain_greedy(r)]

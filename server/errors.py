@@ -1,0 +1,39 @@
+"""Errors raised below the HTTP layer, each with a stable error_type; server.api.errors maps them
+to each route family's status code and body shape."""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    error_type = "internal"
+    status_code = 500
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ValidationError(ServingError):
+    """The request is malformed or can never fit the configured budgets."""
+
+    error_type = "validation"
+    status_code = 422
+
+
+class OverloadedError(ServingError):
+    error_type = "overloaded"
+    status_code = 429
+
+
+class GenerationError(ServingError):
+    """Generation started (or an adapter was needed) and failed for this request only."""
+
+    error_type = "generation"
+    status_code = 424
+
+
+class UnavailableError(ServingError):
+    """The engine is not running (starting up, shutting down, or died)."""
+
+    error_type = "unavailable"
+    status_code = 503

@@ -1,0 +1,260 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) written for ragged continuous batches.
+
+One forward pass takes a ForwardBatch: the new tokens of every sequence flattened into one row,
+and the KV-cache slot of each sequence. Linear layers run once over all tokens; attention runs
+batched for decode steps and per sequence for prefills. Weights load from HF safetensors names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "ArchConfig":
+        model_type = cfg.get("model_type", "")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {model_type!r}; supported: {SUPPORTED_MODEL_TYPES}")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if rope.get("rope_type", "default") not in ("default", None):
+            raise ValueError(f"unsupported rope_type {rope.get('rope_type')!r}")
+        heads = cfg["num_attention_heads"]
+        return cls(
+            model_type=model_type,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", model_type == "qwen2"),
+        )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of K and V per token across all layers, at 4 bytes per element (fp32)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 4
+
+
+class KVStore(Protocol):
+    """What attention needs from the KV cache (implemented by server.engine.kv_cache.KVCache)."""
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class ForwardBatch:
+    """Flattened new tokens of every sequence in a step, and where each sequence lives in the cache."""
+
+    input_ids: torch.Tensor  # [tokens] long
+    positions: torch.Tensor  # [tokens] long
+    slots: torch.Tensor  # [seqs] long, KV-cache slot of each sequence
+    query_lens: list[int]  # new tokens per sequence (all 1 in a decode step)
+    context_lens: list[int]  # tokens in the cache per sequence after this step
+    is_decode: bool
+    lora: Any = None  # per-row adapter plan, consumed by LoRA-wrapped projections
+
+    @property
+    def last_token_rows(self) -> torch.Tensor:  # [seqs] index of each sequence's last token
+        ends = torch.tensor(self.query_lens, device=self.input_ids.device).cumsum(0)
+        return ends - 1
+
+
+class Projection(nn.Linear):
+    """A linear layer that receives the batch, so LoRA wrappers can add per-row deltas."""
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:  # noqa: ARG002
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        emb = torch.cat([freqs, freqs], dim=-1)  # [positions, head_dim]
+        self.register_buffer("cos", emb.cos().float(), persistent=False)
+        self.register_buffer("sin", emb.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [tokens, heads, head_dim]
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ArchConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = Projection(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.k_proj = Projection(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.v_proj = Projection(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.o_proj = Projection(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: Rotary, kv: KVStore) -> torch.Tensor:
+        tokens = x.shape[0]
+        q = rotary(self.q_proj(x, batch).view(tokens, self.num_heads, self.head_dim), batch.positions)
+        k = rotary(self.k_proj(x, batch).view(tokens, self.num_kv_heads, self.head_dim), batch.positions)
+        v = self.v_proj(x, batch).view(tokens, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv.layer(self.layer_index)  # [slots, kv_heads, capacity, head_dim]
+        if batch.is_decode:
+            out = self._decode(q, k, v, k_cache, v_cache, batch)
+        else:
+            out = self._prefill(q, k, v, k_cache, v_cache, batch)
+        return self.o_proj(out.reshape(tokens, -1), batch)
+
+    def _decode(self, q, k, v, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
+        # q: [seqs, heads, dim]; one new token per sequence, written at position context_len - 1
+        k_cache[batch.slots, :, batch.positions] = k
+        v_cache[batch.slots, :, batch.positions] = v
+        longest = max(batch.context_lens)
+        seqs = len(batch.context_lens)
+        if bool((batch.slots == torch.arange(seqs, device=batch.slots.device)).all()):
+            keys, values = k_cache[:seqs, :, :longest], v_cache[:seqs, :, :longest]  # views, no copy
+        else:
+            keys, values = k_cache[batch.slots, :, :longest], v_cache[batch.slots, :, :longest]
+        lens = torch.tensor(batch.context_lens, device=q.device)
+        mask = (torch.arange(longest, device=q.device)[None, :] < lens[:, None])[:, None, None, :]
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, enable_gqa=True)
+        return out.squeeze(2)  # [seqs, heads, dim]
+
+    def _prefill(self, q, k, v, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
+        outputs, start = [], 0
+        for slot, n_new, total in zip(batch.slots.tolist(), batch.query_lens, batch.context_lens):
+            past = total - n_new
+            k_cache[slot, :, past:total] = k[start : start + n_new].transpose(0, 1)
+            v_cache[slot, :, past:total] = v[start : start + n_new].transpose(0, 1)
+            qi = q[start : start + n_new].transpose(0, 1).unsqueeze(0)  # [1, heads, n_new, dim]
+            ki, vi = k_cache[slot : slot + 1, :, :total], v_cache[slot : slot + 1, :, :total]
+            if past == 0:
+                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True)
+            else:  # a prompt continued over an already-cached prefix
+                allowed = torch.arange(total, device=q.device)[None, :] <= (
+                    torch.arange(n_new, device=q.device)[:, None] + past
+                )
+                o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=allowed, enable_gqa=True)
+            outputs.append(o.squeeze(0).transpose(0, 1))
+            start += n_new
+        return torch.cat(outputs, dim=0)  # [tokens, heads, dim]
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        self.gate_proj = Projection(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = Projection(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = Projection(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x, batch)) * self.up_proj(x, batch), batch)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ArchConfig, index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, index)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: Rotary, kv: KVStore) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), batch, rotary, kv)
+        return x + self.mlp(self.post_attention_layernorm(x), batch)
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """Decoder + LM head. forward() returns logits only for each sequence's last new token."""
+
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+
+    def forward(self, batch: ForwardBatch, kv: KVStore) -> torch.Tensor:
+        h = self.model.embed_tokens(batch.input_ids)  # [tokens, hidden]
+        for layer in self.model.layers:
+            h = layer(h, batch, self.rotary, kv)
+        h = self.model.norm(h[batch.last_token_rows])  # [seqs, hidden]
+        return self.lm_head(h).float()  # [seqs, vocab]
+
+    @classmethod
+    def from_pretrained(cls, model_dir: Path, device: torch.device, dtype: torch.dtype) -> "CausalLM":
+        cfg = ArchConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = _read_safetensors(model_dir)
+        if cfg.tie_word_embeddings or "lm_head.weight" not in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        missing = [m for m in missing if not m.startswith("rotary.")]
+        if missing:
+            raise ValueError(f"checkpoint is missing weights: {missing[:5]}")
+        model.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
+        return model.to(device=device, dtype=dtype).eval()
+
+
+def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        state.update(load_file(str(path)))
+    return state

@@ -1,0 +1,82 @@
+"""Resolve `--model` to a local directory, pick device and dtype, and load model + tokenizer."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from server.config import ModelConfig
+from server.model.default_model import DEFAULT_MODEL_NAME, default_model_dir
+from server.model.llama import CausalLM
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    name: str  # what /info and the OpenAI `model` field call the base model
+    model_dir: Path
+    model: CausalLM
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        ids = {self.tokenizer.eos_token_id}
+        generation = getattr(self.tokenizer, "init_kwargs", {}).get("eos_token_id")
+        if isinstance(generation, int):
+            ids.add(generation)
+        return frozenset(i for i in ids if i is not None)
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        return frozenset(self.tokenizer.all_special_ids)
+
+
+def resolve_model_dir(model: str) -> tuple[str, Path]:
+    """'default' -> the converted embedded model; a directory -> itself; else a hub id."""
+    if model == "default":
+        return DEFAULT_MODEL_NAME, default_model_dir()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+        return path.name, path
+    from huggingface_hub import snapshot_download  # only needed for hub ids
+
+    local = snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"])
+    return model, Path(local)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but no CUDA device is available")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":  # no native bf16 on AVX2 CPUs: fp32 is faster there
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def load_model(config: ModelConfig) -> LoadedModel:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    name, model_dir = resolve_model_dir(config.model)
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    log.info("loading %s from %s on %s as %s", name, model_dir, device, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = CausalLM.from_pretrained(model_dir, device, dtype)
+    return LoadedModel(name, model_dir, model, tokenizer, device, dtype)
+
