@@ -121,14 +121,15 @@ def load_settings(
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
-    """YAML file, then LORASERVE_<KEY> environment variables, then explicit overrides (CLI flags)."""
-    path = Path(path) if path else DEFAULT_CONFIG_PATH
+    """YAML file (--config, else $LORASERVE_CONFIG, else configs/default.yaml), then LORASERVE_<KEY>
+    environment variables, then explicit overrides (CLI flags)."""
+    environ = os.environ if environ is None else environ
+    path = Path(path or environ.get(ENV_PREFIX + "CONFIG") or DEFAULT_CONFIG_PATH)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     flat: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
     if not isinstance(flat, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values")
-    environ = os.environ if environ is None else environ
     for key in (f.name for section in _SECTIONS.values() for f in fields(section)):
         env_value = environ.get(ENV_PREFIX + key.upper())
         if env_value is not None:
