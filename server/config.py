@@ -68,6 +68,17 @@ class Limits:
 
 
 @dataclass(frozen=True)
+class AdapterConfig:
+    adapters_dir: str = "adapters_cache"  # pbase store: <adapters_dir>/<repo>/<version>/
+    adapter_roots: tuple[str, ...] = ()  # further directories the `local` source may read
+    max_cpu_adapters: int = 32  # CPU-RAM LRU tier
+    preload_adapters: tuple[str, ...] = ()  # loaded at start; dynamic loading stays on
+
+    def __post_init__(self) -> None:
+        _check_min("max_cpu_adapters", self.max_cpu_adapters, 1)
+
+
+@dataclass(frozen=True)
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080
@@ -81,13 +92,14 @@ class HttpConfig:
 class Settings:
     model: ModelConfig = field(default_factory=ModelConfig)
     limits: Limits = field(default_factory=Limits)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-_SECTIONS = {"model": ModelConfig, "limits": Limits, "http": HttpConfig}
+_SECTIONS = {"model": ModelConfig, "limits": Limits, "adapters": AdapterConfig, "http": HttpConfig}
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -100,8 +112,14 @@ def _check_min(name: str, value: int, minimum: int) -> None:
         raise ConfigError(f"{name} must be an integer >= {minimum}; got {value!r}")
 
 
-def _coerce(name: str, raw: Any, target: type) -> Any:
-    if target is int and isinstance(raw, str):
+def _coerce(name: str, raw: Any, target: Any) -> Any:
+    if target in ("tuple[str, ...]", tuple):
+        if isinstance(raw, str):  # env vars and flags: comma-separated
+            return tuple(x.strip() for x in raw.split(",") if x.strip())
+        if isinstance(raw, (list, tuple)) and all(isinstance(x, str) for x in raw):
+            return tuple(raw)
+        raise ConfigError(f"{name} must be a list of strings; got {raw!r}")
+    if target in ("int", int) and isinstance(raw, str):
         try:
             return int(raw)
         except ValueError:
@@ -143,7 +161,7 @@ def _build(flat: Mapping[str, Any]) -> Settings:
     for key, raw in flat.items():
         cls = _section_of(key)
         target = {f.name: f.type for f in fields(cls)}[key]
-        per_section[cls][key] = _coerce(key, raw, int if target in ("int", int) else str)
+        per_section[cls][key] = _coerce(key, raw, target)
     try:
         return Settings(**{name: cls(**per_section[cls]) for name, cls in _SECTIONS.items()})
     except TypeError as exc:  # e.g. a list where a number belongs

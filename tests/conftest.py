@@ -15,7 +15,7 @@ from typing import Iterator
 import httpx
 import pytest
 
-from server.config import Limits, ModelConfig, Settings
+from server.config import AdapterConfig, Limits, ModelConfig, Settings
 from server.engine.async_engine import AsyncEngine, GenerationInput
 from server.engine.builder import build_engine
 from server.engine.request import FinishReason, SamplingParams
@@ -33,8 +33,8 @@ def loaded() -> LoadedModel:
 def make_engine(loaded: LoadedModel):
     engines: list[AsyncEngine] = []
 
-    def make(**limit_overrides) -> AsyncEngine:
-        settings = Settings(limits=replace(Limits(), **limit_overrides))
+    def make(adapters: AdapterConfig | None = None, **limit_overrides) -> AsyncEngine:
+        settings = Settings(limits=replace(Limits(), **limit_overrides), adapters=adapters or AdapterConfig())
         engine = build_engine(settings, loaded)
         engine.engine.start()
         engines.append(engine)
@@ -51,7 +51,7 @@ def greedy(prompt: str, max_new_tokens: int = 16, **kw) -> GenerationInput:
 
 async def collect(engine: AsyncEngine, inp: GenerationInput) -> tuple[list[int], FinishReason, str]:
     """Run one request to the end; returns (token ids, finish reason, text)."""
-    handle = engine.submit(inp)
+    handle = await engine.submit(inp)
     reason = None
     async for event in handle:
         reason = event.finish_reason or reason

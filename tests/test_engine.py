@@ -73,11 +73,11 @@ def test_continuous_batching_late_request_joins_and_outputs_match_solo(make_engi
     solo = [run(collect(engine, greedy(p, 12 if i == 3 else 48, ignore_eos=True))) for i, p in enumerate(PROMPTS)]
 
     async def scenario():
-        long_handles = [engine.submit(greedy(p, 48, ignore_eos=True)) for p in PROMPTS[:3]]
+        long_handles = [await engine.submit(greedy(p, 48, ignore_eos=True)) for p in PROMPTS[:3]]
         long_tasks = [asyncio.create_task(_finish_time(h)) for h in long_handles]
         while min(h.request.num_generated for h in long_handles) < 8:
             await asyncio.sleep(0.01)
-        late = engine.submit(greedy(PROMPTS[3], 12, ignore_eos=True))
+        late = await engine.submit(greedy(PROMPTS[3], 12, ignore_eos=True))
         late_done = await _finish_time(late)
         return long_handles, await asyncio.gather(*long_tasks), late, late_done
 
@@ -104,8 +104,8 @@ def test_a_failing_row_fails_alone_and_engine_keeps_serving(make_engine):
         return logits
 
     async def scenario():
-        bad = engine.submit(greedy(PROMPTS[0], 20, processors=(explode,)))
-        good = engine.submit(greedy(PROMPTS[1], 20, ignore_eos=True))
+        bad = await engine.submit(greedy(PROMPTS[0], 20, processors=(explode,)))
+        good = await engine.submit(greedy(PROMPTS[1], 20, ignore_eos=True))
         bad_events = [e async for e in bad]
         good_events = [e async for e in good]
         return bad_events, good_events
@@ -124,15 +124,15 @@ def test_budgets_are_checked_before_queueing(make_engine):
 
     async def scenario():
         with pytest.raises(ValidationError, match="less than 16 tokens"):
-            engine.submit(greedy(long_prompt, 4))
+            await engine.submit(greedy(long_prompt, 4))
         with pytest.raises(ValidationError, match="must be <= 32"):
-            engine.submit(greedy("Hello there", 40))
-        handles = [engine.submit(greedy("Hello", 8)) for _ in range(2)]
+            await engine.submit(greedy("Hello there", 40))
+        handles = [await engine.submit(greedy("Hello", 8)) for _ in range(2)]
         with pytest.raises(OverloadedError):
-            engine.submit(greedy("Hello", 8))
+            await engine.submit(greedy("Hello", 8))
         for h in handles:
             [e async for e in h]
-        engine.submit(greedy("Hello", 2)).close()  # capacity returned once requests finish
+        (await engine.submit(greedy("Hello", 2))).close()  # capacity returned once requests finish
 
     run(scenario())
 
@@ -147,7 +147,7 @@ def test_cancelled_request_leaves_the_batch(make_engine):
     engine = make_engine()
 
     async def scenario():
-        handle = engine.submit(greedy(PROMPTS[0], 200, ignore_eos=True))
+        handle = await engine.submit(greedy(PROMPTS[0], 200, ignore_eos=True))
         async for _event in handle:
             if handle.request.num_generated >= 3:
                 break  # leaving the loop closes the handle, which cancels the request

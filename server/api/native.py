@@ -67,12 +67,13 @@ def to_generation_input(inputs: str, p: GenerateParameters, limits: Limits) -> G
         ignore_eos=p.ignore_eos_token,
         truncate=p.truncate,
         adapter_id=p.adapter_id or None,
+        adapter_source=p.adapter_source,
     )
 
 
 def _reject_unsupported(p: GenerateParameters) -> None:
     """Fields this build parses but does not act on are refused, never silently ignored."""
-    _check(not p.adapter_id and not p.merged_adapters, "`adapter_id`: LoRA adapters are not enabled in this build")
+    _check(not p.merged_adapters, "`merged_adapters` is not supported yet")
     _check(p.best_of in (None, 1), "`best_of` > 1 is not supported")
     _check(not p.watermark, "`watermark` is not supported")
     _check(not p.decoder_input_details, "`decoder_input_details` is not supported")
@@ -105,7 +106,7 @@ async def _collect(handle: RequestHandle) -> tuple[list[TokenInfo], FinishReason
 async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
     engine = engine_of(request)
     started = time.monotonic()
-    handle = engine.submit(to_generation_input(body.inputs, body.parameters, engine.limits))
+    handle = await engine.submit(to_generation_input(body.inputs, body.parameters, engine.limits))
     tokens, reason = await _collect(handle)
     req = handle.request
     text = (body.inputs if body.parameters.return_full_text else "") + req.output_text
@@ -135,7 +136,7 @@ def _timing_headers(req, started: float) -> dict[str, str]:
 @router.post("/generate_stream")
 async def generate_stream(body: GenerateRequest, request: Request) -> EventSourceResponse:
     engine = engine_of(request)
-    handle = engine.submit(to_generation_input(body.inputs, body.parameters, engine.limits))
+    handle = await engine.submit(to_generation_input(body.inputs, body.parameters, engine.limits))
     prefix = body.inputs if body.parameters.return_full_text else ""
     return EventSourceResponse(_stream_events(handle, prefix), ping=15)
 

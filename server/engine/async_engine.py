@@ -13,6 +13,8 @@ from typing import AsyncIterator, Optional
 
 import torch
 
+from server.adapters.store import AdapterStore
+from server.adapters.weights import AdapterWeights
 from server.config import Limits
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.engine import Engine
@@ -38,7 +40,8 @@ class GenerationInput:
     stop_sequences: tuple[str, ...] = ()
     ignore_eos: bool = False
     truncate: Optional[int] = None
-    adapter_id: Optional[str] = None
+    adapter_id: Optional[str] = None  # None or "": the base model
+    adapter_source: Optional[str] = None  # pbase (default) | local | hub | s3
     processors: tuple[LogitsProcessor, ...] = ()
 
 
@@ -63,8 +66,8 @@ class RequestHandle:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, loaded: LoadedModel, limits: Limits) -> None:
-        self.engine, self.loaded, self.limits = engine, loaded, limits
+    def __init__(self, engine: Engine, loaded: LoadedModel, limits: Limits, store: AdapterStore) -> None:
+        self.engine, self.loaded, self.limits, self.store = engine, loaded, limits, store
         self._in_flight: set[Request] = set()
 
     @property
@@ -74,8 +77,9 @@ class AsyncEngine:
     def tokenize(self, text: str) -> list[int]:
         return self.loaded.tokenizer(text, add_special_tokens=True)["input_ids"]
 
-    def submit(self, inp: GenerationInput) -> RequestHandle:
-        """Validate, admit and queue. Raises ValidationError, OverloadedError or UnavailableError."""
+    async def submit(self, inp: GenerationInput) -> RequestHandle:
+        """Validate, admit, load the adapter, queue. Raises ValidationError, OverloadedError,
+        UnavailableError, or GenerationError (424) when the adapter can't be loaded."""
         if not self.engine.alive:
             raise UnavailableError("the engine is not running")
         prompt_ids = self._prompt_ids(inp)
@@ -84,6 +88,7 @@ class AsyncEngine:
             raise OverloadedError(
                 f"server is at max_concurrent_requests ({self.limits.max_concurrent_requests}); retry later"
             )
+        adapter = await self.adapter(inp.adapter_id, inp.adapter_source)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[RequestEvent] = asyncio.Queue()
         request = Request(
@@ -92,13 +97,19 @@ class AsyncEngine:
             stop=StopCriteria(max_new, inp.stop_sequences, inp.ignore_eos),
             detokenizer=IncrementalDetokenizer(self.loaded.tokenizer, prompt_ids, self.loaded.special_token_ids),
             sink=_threadsafe_sink(loop, events),
-            adapter_id=inp.adapter_id,
+            adapter=adapter,
             processors=list(inp.processors),
             generator=_generator(inp.params, self.loaded.device),
         )
         self._in_flight.add(request)
         self.engine.submit(request)
         return RequestHandle(request, events, self)
+
+    async def adapter(self, adapter_id: Optional[str], source: Optional[str]) -> Optional[AdapterWeights]:
+        """The adapter's weights, loaded off the engine loop (None for the base model)."""
+        if not adapter_id or adapter_id == self.loaded.name:
+            return None
+        return await asyncio.wrap_future(self.store.get(self.store.key_for(adapter_id, source)))
 
     def _release(self, request: Request) -> None:
         if not request.is_finished:

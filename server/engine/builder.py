@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
-from server.config import Settings
+from server.adapters.lora import ResidentAdapters
+from server.adapters.store import SOURCE_NAMES, AdapterStore, AdapterStoreConfig
+from server.config import AdapterConfig, Settings
 from server.engine.async_engine import AsyncEngine
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.engine import Engine
@@ -13,6 +16,7 @@ from server.engine.kv_cache import KVCache
 from server.engine.request import Request, SamplingParams, StopCriteria
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerBudget
+from server.model.default_model import loraserve_home
 from server.model.loader import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -22,10 +26,32 @@ def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> Async
     loaded = loaded or load_model(settings.model)
     limits = settings.limits
     kv = KVCache(loaded.model.config, limits.max_batch_size, limits.max_total_tokens, loaded.device, loaded.dtype)
+    resident = ResidentAdapters(loaded.model, limits.max_active_adapters)
     budget = SchedulerBudget(limits.max_batch_size, limits.max_batch_total_tokens, limits.max_batch_prefill_tokens)
-    engine = Engine(ModelRunner(loaded.model, kv, loaded.device), Scheduler(budget, kv), loaded.eos_token_ids)
+    runner = ModelRunner(loaded.model, kv, resident, loaded.device)
+    engine = Engine(runner, Scheduler(budget, kv, resident), loaded.eos_token_ids)
     warm_up(engine, loaded)
-    return AsyncEngine(engine, loaded, limits)
+    store = AdapterStore(store_config(settings.adapters), loaded.model.config)
+    preload(store, settings.adapters.preload_adapters)
+    return AsyncEngine(engine, loaded, limits, store)
+
+
+def store_config(config: AdapterConfig) -> AdapterStoreConfig:
+    return AdapterStoreConfig(
+        adapters_dir=Path(config.adapters_dir),
+        extra_roots=tuple(Path(r) for r in config.adapter_roots),
+        s3_cache_dir=loraserve_home() / "adapters" / "s3",
+        max_cpu_adapters=config.max_cpu_adapters,
+    )
+
+
+def preload(store: AdapterStore, adapter_ids: tuple[str, ...]) -> None:
+    """Load configured adapters ("repo/1", "hub:org/name", "local:path", "s3://b/p") into the CPU
+    tier before serving; a failure stops the start with the adapter's error."""
+    for entry in adapter_ids:
+        prefix, sep, rest = entry.partition(":")
+        source, adapter_id = (prefix, rest) if sep and prefix in SOURCE_NAMES and prefix != "s3" else (None, entry)
+        store.get(store.key_for(adapter_id, source)).result()
 
 
 def warm_up(engine: Engine, loaded: LoadedModel, new_tokens: int = 4) -> None:

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
+from server.adapters.weights import AdapterWeights
 from server.engine.detokenizer import IncrementalDetokenizer
 
 _ids = itertools.count()
@@ -88,7 +89,7 @@ class Request:
     stop: StopCriteria
     detokenizer: IncrementalDetokenizer
     sink: Callable[[RequestEvent], None]
-    adapter_id: Optional[str] = None
+    adapter: Optional[AdapterWeights] = None  # None: the base model
     processors: list[LogitsProcessor] = field(default_factory=list)
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)

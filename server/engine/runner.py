@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import torch
 
+from server.adapters.lora import ResidentAdapters
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import BatchPlan
 from server.model.llama import CausalLM, ForwardBatch
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv: KVCache, device: torch.device) -> None:
-        self.model, self.kv, self.device = model, kv, device
+    def __init__(self, model: CausalLM, kv: KVCache, adapters: ResidentAdapters, device: torch.device) -> None:
+        self.model, self.kv, self.adapters, self.device = model, kv, adapters, device
 
     @torch.no_grad()
     def run(self, plan: BatchPlan) -> torch.Tensor:
@@ -40,4 +41,5 @@ class ModelRunner:
             query_lens=query_lens,
             context_lens=[r.total_tokens for r in requests],
             is_decode=plan.is_decode,
+            lora=self.adapters.batch_for([r.adapter for r in requests], query_lens),
         )

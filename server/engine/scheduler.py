@@ -1,15 +1,25 @@
 """Iteration-level scheduling: which requests run in the next forward pass, under explicit budgets.
 
-Waiting requests are admitted (prefilled) between decode steps as soon as a slot and token
-budget allow, so a new request never waits for the running batch to drain.
+Waiting requests are admitted (prefilled) between decode steps as soon as a KV slot and the token
+budgets allow, so a new request never waits for the running batch to drain.
+
+Fairness across adapters: each adapter (and the base model) has its own FIFO queue, and admission
+takes one request per queue in rotation, the adapter just served moving to the back. A burst for
+one adapter therefore cannot push another adapter's requests behind it. When an adapter needs a
+device slot and every slot is pinned by running requests, the resident adapter with the fewest
+running requests stops admitting ("drains"); once idle it is evicted and the waiting adapter moves
+in, so a waiting queue is bounded by one drain (at most max_total_tokens decode steps).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from enum import Enum
+from typing import Optional
 
+from server.adapters.lora import ResidentAdapters
+from server.adapters.weights import AdapterWeights
 from server.engine.kv_cache import KVCache
 from server.engine.request import Request, RequestStatus
 
@@ -39,22 +49,26 @@ class SchedulerBudget:
 
 
 class Scheduler:
-    def __init__(self, budget: SchedulerBudget, kv: KVCache) -> None:
-        self.budget = budget
-        self.kv = kv
-        self.waiting: deque[Request] = deque()
+    def __init__(self, budget: SchedulerBudget, kv: KVCache, adapters: ResidentAdapters) -> None:
+        self.budget, self.kv, self.adapters = budget, kv, adapters
+        self.queues: OrderedDict[Optional[AdapterWeights], deque[Request]] = OrderedDict()
         self.running: list[Request] = []
+        self.draining: set[AdapterWeights] = set()
+
+    @property
+    def waiting(self) -> list[Request]:
+        return [r for queue in self.queues.values() for r in queue]
 
     @property
     def num_requests(self) -> int:
-        return len(self.waiting) + len(self.running)
+        return sum(len(q) for q in self.queues.values()) + len(self.running)
 
     @property
     def reserved_tokens(self) -> int:
         return sum(r.max_total_tokens for r in self.running)
 
     def add(self, request: Request) -> None:
-        self.waiting.append(request)
+        self.queues.setdefault(request.adapter, deque()).append(request)
 
     def schedule(self) -> BatchPlan | None:
         admitted = self._admit()
@@ -65,27 +79,54 @@ class Scheduler:
         return None
 
     def _admit(self) -> list[Request]:
+        if not any(a is not None and not self.adapters.is_active(a) for a in self.queues):
+            self.draining.clear()  # nobody is waiting for a device slot any more
         admitted: list[Request] = []
-        prefill_tokens, reserved = 0, self.reserved_tokens
-        while self.waiting:
-            request = self.waiting[0]
-            if not self._fits(request, prefill_tokens, reserved):
-                break
-            self.waiting.popleft()
-            request.slot = self.kv.allocate(request)
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            admitted.append(request)
-            prefill_tokens += request.num_prompt_tokens
-            reserved += request.max_total_tokens
+        progressed = True
+        while progressed:  # one request per adapter queue per pass, in rotation
+            progressed = False
+            for adapter in list(self.queues):
+                request = self.queues[adapter][0]
+                if not self._fits(request, admitted):
+                    return admitted
+                if not self._ensure_resident(adapter):
+                    continue
+                self._start(request)
+                admitted.append(request)
+                progressed = True
         return admitted
 
-    def _fits(self, request: Request, prefill_tokens: int, reserved: int) -> bool:
+    def _fits(self, request: Request, admitted: list[Request]) -> bool:
+        prefill = sum(r.num_prompt_tokens for r in admitted) + request.num_prompt_tokens
         return (
             len(self.running) < self.budget.max_batch_size
-            and prefill_tokens + request.num_prompt_tokens <= self.budget.max_batch_prefill_tokens
-            and reserved + request.max_total_tokens <= self.budget.max_batch_total_tokens
+            and prefill <= self.budget.max_batch_prefill_tokens
+            and self.reserved_tokens + request.max_total_tokens <= self.budget.max_batch_total_tokens
         )
+
+    def _ensure_resident(self, adapter: Optional[AdapterWeights]) -> bool:
+        if adapter is None or self.adapters.is_active(adapter):
+            return adapter not in self.draining
+        pinned = {r.adapter for r in self.running if r.adapter is not None}
+        if self.adapters.activate(adapter, pinned):
+            self.draining.intersection_update(self.adapters.active)
+            return True
+        if not self.draining & set(self.adapters.active):
+            counts = {a: sum(r.adapter is a for r in self.running) for a in self.adapters.active}
+            self.draining.add(min(self.adapters.active, key=lambda a: counts[a]))
+        return False
+
+    def _start(self, request: Request) -> None:
+        queue = self.queues[request.adapter]
+        queue.popleft()
+        self.queues.move_to_end(request.adapter)  # served: to the back of the rotation
+        if not queue:
+            del self.queues[request.adapter]
+        if request.adapter is not None:
+            self.adapters.touch(request.adapter)
+        request.slot = self.kv.allocate(request)
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
 
     def retire(self, requests: list[Request]) -> None:
         """Remove finished requests from the batch and free their KV slots (slots stay dense)."""
@@ -96,8 +137,12 @@ class Scheduler:
                 if moved is not None:
                     owner, new_slot = moved
                     owner.slot = new_slot
-            elif request in self.waiting:
-                self.waiting.remove(request)
+            else:
+                queue = self.queues.get(request.adapter)
+                if queue is not None and request in queue:
+                    queue.remove(request)
+                    if not queue:
+                        del self.queues[request.adapter]
             request.slot = None
 
     def finished_or_cancelled(self) -> list[Request]:

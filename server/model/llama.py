@@ -92,10 +92,18 @@ class ForwardBatch:
 
 
 class Projection(nn.Linear):
-    """A linear layer that receives the batch, so LoRA wrappers can add per-row deltas."""
+    """A linear layer that receives the batch, so packed LoRA adapters can add per-row deltas.
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:  # noqa: ARG002
-        return F.linear(x, self.weight, self.bias)
+    `lora` is set by the adapter tier (server.adapters.lora.PackedLora); the model never imports it.
+    """
+
+    lora: Any = None
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora is not None and batch is not None and batch.lora is not None:
+            y = y + self.lora(x, batch.lora)
+        return y
 
 
 class RMSNorm(nn.Module):

@@ -1,0 +1,117 @@
+"""The adapter store: disk/remote sources → CPU-RAM LRU tier, loaded by background workers.
+
+`get` returns a Future: a cold adapter is fetched, read and validated on a worker thread while
+the engine keeps decoding; concurrent requests for the same cold adapter share one load. Failed
+loads are not cached, so a transient failure (an S3 endpoint down) is retried by the next request.
+The device tier (server.adapters.lora.ResidentAdapters) is fed from here by the scheduler.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from server.adapters.sources import AdapterSource, HubSource, LocalSource, PbaseSource, S3Source
+from server.adapters.weights import AdapterKey, AdapterWeights, read_adapter
+from server.errors import ValidationError
+from server.model.llama import ArchConfig
+
+log = logging.getLogger(__name__)
+
+SOURCE_NAMES = ("pbase", "local", "hub", "s3")
+
+
+@dataclass(frozen=True)
+class AdapterStoreConfig:
+    adapters_dir: Path
+    extra_roots: tuple[Path, ...]
+    s3_cache_dir: Path
+    max_cpu_adapters: int
+    load_workers: int = 2
+
+
+class AdapterStore:
+    def __init__(self, config: AdapterStoreConfig, arch: ArchConfig) -> None:
+        self.config, self.arch = config, arch
+        self.sources: dict[str, AdapterSource] = {
+            "pbase": PbaseSource(config.adapters_dir),
+            "local": LocalSource([config.adapters_dir, *config.extra_roots]),
+            "hub": HubSource(),
+            "s3": S3Source(config.s3_cache_dir),
+        }
+        self._cpu: OrderedDict[AdapterKey, AdapterWeights] = OrderedDict()
+        self._pending: dict[AdapterKey, Future] = {}
+        self._last_used: dict[AdapterKey, float] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(config.load_workers, thread_name_prefix="adapter-loader")
+        self.stats: Counter[str] = Counter()
+
+    def key_for(self, adapter_id: str, source: Optional[str]) -> AdapterKey:
+        source = (source or ("s3" if adapter_id.startswith("s3://") else "pbase")).lower()
+        if source not in SOURCE_NAMES:
+            raise ValidationError(f"adapter_source must be one of {', '.join(SOURCE_NAMES)}; got {source!r}")
+        if len(adapter_id) > 512:
+            raise ValidationError("adapter_id is longer than 512 characters")
+        return AdapterKey(source, adapter_id)
+
+    def get(self, key: AdapterKey) -> Future:
+        """A Future of the adapter's AdapterWeights (already done on a CPU-tier hit)."""
+        with self._lock:
+            self._last_used[key] = time.time()
+            if key in self._cpu:
+                self._cpu.move_to_end(key)
+                self.stats["cpu_hits"] += 1
+                done: Future = Future()
+                done.set_result(self._cpu[key])
+                return done
+            if key not in self._pending:
+                self._pending[key] = self._pool.submit(self._load, key)
+            return self._pending[key]
+
+    def _load(self, key: AdapterKey) -> AdapterWeights:
+        started = time.monotonic()
+        try:
+            directory = self.sources[key.source].fetch(key.id)
+            weights = read_adapter(key, directory, self.arch)
+        except Exception:
+            self.stats["load_failures"] += 1
+            with self._lock:
+                self._pending.pop(key, None)
+            raise
+        with self._lock:
+            self._cpu[key] = weights
+            self._pending.pop(key, None)
+            while len(self._cpu) > self.config.max_cpu_adapters:
+                evicted, _ = self._cpu.popitem(last=False)
+                self.stats["cpu_evictions"] += 1
+                log.info("adapter %s evicted from the CPU tier", evicted)
+        self.stats["loads"] += 1
+        log.info("adapter %s loaded (rank %d, %.1f MB) in %.2f s", key, weights.rank,
+                 weights.size_bytes / 1e6, time.monotonic() - started)
+        return weights
+
+    def unload(self, key: AdapterKey) -> bool:
+        """Drop from the CPU tier (requests already holding it finish normally)."""
+        with self._lock:
+            return self._cpu.pop(key, None) is not None
+
+    def cpu_resident(self) -> list[AdapterWeights]:
+        with self._lock:
+            return list(self._cpu.values())
+
+    def last_used(self, key: AdapterKey) -> Optional[float]:
+        return self._last_used.get(key)
+
+    def known_ids(self) -> list[str]:
+        with self._lock:
+            loaded = {str(k) for k in self._cpu}
+        return sorted(loaded | set(self.sources["pbase"].list_known()))
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,174 @@
+"""Reading and validating a PEFT LoRA adapter directory into CPU tensors ready for packing.
+
+Validation happens here, once, off the engine loop: file integrity, LoRA type, target modules,
+layer indices, shapes against the base model, rank, finiteness. Scales (alpha / r, or alpha /
+sqrt(r) for rsLoRA, with per-module rank and alpha patterns) are folded into B.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from server.errors import GenerationError
+from server.model.llama import ArchConfig
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MAX_RANK = 256
+_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+
+
+LoraPair = tuple[torch.Tensor, torch.Tensor]
+
+
+class AdapterLoadError(GenerationError):
+    """The adapter exists but can't be served on this base model (424, error_type generation)."""
+
+
+class AdapterNotFoundError(GenerationError):
+    """No adapter with that id in that source (424, worded as a 404)."""
+
+
+@dataclass(frozen=True)
+class AdapterKey:
+    source: str  # pbase | local | hub | s3 | merged
+    id: str
+
+    def __str__(self) -> str:
+        return self.id if self.source in ("pbase", "local") else f"{self.source}:{self.id}"
+
+
+@dataclass(eq=False)
+class AdapterWeights:
+    """One adapter in CPU memory. Identity-hashed: the tiers track the object itself."""
+
+    key: AdapterKey
+    rank: int  # widest rank over modules: the columns it occupies when packed
+    modules: dict[tuple[int, str], LoraPair]  # (layer, proj) -> (A [r, in], B * scale [out, r])
+    path: Optional[Path] = None
+    chat_template: Optional[str] = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
+
+    @property
+    def target_modules(self) -> list[str]:
+        return sorted({name for _, name in self.modules})
+
+    def to_device(self, device: torch.device, dtype: torch.dtype) -> dict[tuple[int, str], LoraPair]:
+        """Pad each module to `rank` columns (zeros: exact) and move it to the device."""
+        out = {}
+        for key, (a, b) in self.modules.items():
+            pad = self.rank - a.shape[0]
+            if pad:
+                a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
+                b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
+            out[key] = (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
+        return out
+
+
+def projection_shapes(arch: ArchConfig) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each target projection."""
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    h, i = arch.hidden_size, arch.intermediate_size
+    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+
+
+def read_adapter(key: AdapterKey, directory: Path, arch: ArchConfig) -> AdapterWeights:
+    config = _read_config(key, directory)
+    tensors = _read_tensors(key, directory)
+    modules = _pair_modules(key, tensors, config, arch)
+    template = directory / "chat_template.jinja"
+    return AdapterWeights(
+        key=key,
+        rank=max(a.shape[0] for a, _ in modules.values()),
+        modules=modules,
+        path=directory,
+        chat_template=template.read_text() if template.is_file() else None,
+        config=config,
+    )
+
+
+def _read_config(key: AdapterKey, directory: Path) -> dict[str, Any]:
+    path = directory / "adapter_config.json"
+    if not path.is_file():
+        raise AdapterNotFoundError(f"adapter {key} not found: no adapter_config.json")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterLoadError(f"adapter {key}: adapter_config.json is not valid JSON ({exc})") from None
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterLoadError(f"adapter {key}: peft_type {config.get('peft_type')!r} is not LORA")
+    for flag in ("use_dora", "fan_in_fan_out"):
+        if config.get(flag):
+            raise AdapterLoadError(f"adapter {key}: {flag}=true is not supported")
+    if config.get("modules_to_save"):
+        raise AdapterLoadError(f"adapter {key}: modules_to_save is not supported (LoRA weights only)")
+    if config.get("bias", "none") != "none":
+        raise AdapterLoadError(f"adapter {key}: bias={config['bias']!r} is not supported")
+    return config
+
+
+def _read_tensors(key: AdapterKey, directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / "adapter_model.safetensors"
+    if not path.is_file():
+        raise AdapterNotFoundError(f"adapter {key} not found: no adapter_model.safetensors")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterLoadError(f"adapter {key}: corrupt adapter_model.safetensors ({exc})") from None
+
+
+def _pair_modules(key: AdapterKey, tensors: dict[str, torch.Tensor], config: dict[str, Any], arch: ArchConfig):
+    shapes = projection_shapes(arch)
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        match = _KEY.search(name)
+        if match is None:
+            raise AdapterLoadError(f"adapter {key}: unsupported weight {name!r} (LoRA on attention/MLP only)")
+        layer, proj, half = int(match.group(1)), match.group(2), match.group(3)
+        if proj not in shapes or layer >= arch.num_layers:
+            raise AdapterLoadError(f"adapter {key}: weight {name!r} targets a module the base model does not have")
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise AdapterLoadError(f"adapter {key}: weight {name!r} is not finite floating point")
+        halves.setdefault((layer, proj), {})[half] = tensor.float()
+    if not halves:
+        raise AdapterLoadError(f"adapter {key}: no LoRA weights found")
+    return {k: _check_pair(key, k, h, shapes[k[1]], config) for k, h in halves.items()}
+
+
+def _check_pair(key: AdapterKey, where: tuple[int, str], halves: dict[str, torch.Tensor], shape: tuple[int, int],
+                config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    layer, proj = where
+    if set(halves) != {"A", "B"}:
+        raise AdapterLoadError(f"adapter {key}: layer {layer} {proj} lacks lora_A or lora_B")
+    a, b = halves["A"], halves["B"]
+    out_features, in_features = shape
+    rank = a.shape[0]
+    if a.shape != (rank, in_features) or b.shape != (out_features, rank):
+        raise AdapterLoadError(
+            f"adapter {key}: layer {layer} {proj} has shapes A{tuple(a.shape)} B{tuple(b.shape)}, but the base model "
+            f"needs A[r, {in_features}] B[{out_features}, r]: it was trained for a different base model"
+        )
+    if not 1 <= rank <= MAX_RANK:
+        raise AdapterLoadError(f"adapter {key}: rank {rank} outside 1..{MAX_RANK}")
+    return a.contiguous(), (b * _scale(f"model.layers.{layer}.{proj}", rank, config)).contiguous()
+
+
+def _scale(module_name: str, rank: int, config: dict[str, Any]) -> float:
+    alpha = config.get("lora_alpha", 8)
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?{pattern}$", module_name):
+            alpha = value
+    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank

@@ -1,0 +1,76 @@
+"""Real PEFT adapters for the base model, made with peft itself (the reference we test against)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    name: str
+    rank: int
+    alpha: int
+    targets: tuple[str, ...]
+    seed: int
+    b_std: float = 0.02
+
+
+SPECS = (
+    AdapterSpec("attn-r8", 8, 16, ("q_proj", "v_proj"), seed=1, b_std=0.08),
+    AdapterSpec("all-r32", 32, 32, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 2),
+    AdapterSpec("mlp-r16", 16, 8, ("gate_proj", "up_proj", "down_proj", "o_proj"), seed=3, b_std=0.04),
+)
+
+
+def make_peft_adapter(base_dir: Path, out_dir: Path, spec: AdapterSpec) -> Path:
+    """A LoRA with random non-zero A and B (B ~ N(0, b_std)), saved as a PEFT directory."""
+    torch.manual_seed(spec.seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, target_modules=list(spec.targets),
+                        init_lora_weights=False, lora_dropout=0.0)
+    model = get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(spec.seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * spec.b_std)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy tokens from transformers + peft with that adapter alone (stops at EOS, like we do)."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def corrupt_copy(src: Path, dst: Path) -> Path:
+    """The same adapter with its safetensors file truncated."""
+    dst.mkdir(parents=True)
+    (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    data = (src / "adapter_model.safetensors").read_bytes()
+    (dst / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    return dst
+
+
+def foreign_copy(src: Path, dst: Path) -> Path:
+    """An adapter whose shapes belong to a wider base model (hidden 1024)."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    (dst / "adapter_config.json").write_text(json.dumps(json.loads((src / "adapter_config.json").read_text())))
+    tensors = {k: torch.zeros(v.shape[0], 1024) if "lora_A" in k else torch.zeros(1024, v.shape[1])
+               for k, v in load_file(str(src / "adapter_model.safetensors")).items()}
+    save_file(tensors, str(dst / "adapter_model.safetensors"))
+    return dst
