@@ -20,8 +20,11 @@ from server.engine.async_engine import AsyncEngine, GenerationInput
 from server.engine.builder import build_engine
 from server.engine.request import FinishReason, SamplingParams
 from server.model.loader import LoadedModel, load_model
+from tests.adapter_factory import SPECS, corrupt_copy, foreign_copy, make_peft_adapter, peft_greedy
 
 ROOT = Path(__file__).resolve().parent.parent
+ADAPTER_PROMPTS = ["What is machine learning?", "Once upon a time, in a small village,"]
+NEW_TOKENS = 32
 
 
 @pytest.fixture(scope="session")
@@ -103,10 +106,62 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def server(loaded: LoadedModel) -> Iterator[ServerProcess]:
-    """A real server on a free loopback port (the model is converted already by `loaded`)."""
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible server (moto in standalone mode) on a free loopback port."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(url, timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def hf_cache(tmp_path_factory, adapter_root) -> Path:
+    """A populated Hugging Face hub cache holding one adapter, as a download would leave it."""
+    cache = tmp_path_factory.mktemp("hf") / "hub"
+    repo = cache / "models--loraserve-test--mlp-r16"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in (adapter_root / SPECS[2].name / "1").iterdir():
+        (snapshot / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def extra_root(tmp_path_factory, adapter_root) -> Path:
+    """A second adapter root for the `local` source."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("local-root")
+    shutil.copytree(adapter_root / SPECS[0].name / "1", root / "team" / "attn")
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(loaded: LoadedModel, adapter_root, s3_endpoint, hf_cache, extra_root) -> Iterator[ServerProcess]:
+    """A real server on a free loopback port, serving the test adapters from every source."""
     (ROOT / ".pytest_cache").mkdir(exist_ok=True)
-    proc = ServerProcess("--max-concurrent-requests", "16", "--max-batch-size", "8").wait_ready()
+    env = {"LORASERVE_ADAPTERS_DIR": str(adapter_root), "LORASERVE_ADAPTER_ROOTS": str(extra_root),
+           "S3_ENDPOINT_URL": s3_endpoint, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_cache),
+           "LORASERVE_HOME": str(extra_root.parent / "home"), **S3_ENV}
+    (extra_root.parent / "home").mkdir()
+    os.symlink(loaded.model_dir.parent, extra_root.parent / "home" / "models", target_is_directory=True)
+    proc = ServerProcess("--max-concurrent-requests", "16", "--max-batch-size", "8", env=env).wait_ready()
     yield proc
     proc.stop()
 
@@ -115,3 +170,25 @@ def server(loaded: LoadedModel) -> Iterator[ServerProcess]:
 def client(server: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=120) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tmp_path_factory, loaded) -> Path:
+    root = tmp_path_factory.mktemp("adapters")
+    for spec in SPECS:
+        make_peft_adapter(loaded.model_dir, root / spec.name / "1", spec)
+    corrupt_copy(root / SPECS[0].name / "1", root / "corrupt" / "1")
+    foreign_copy(root / SPECS[0].name / "1", root / "foreign" / "1")
+    return root
+
+
+@pytest.fixture(scope="session")
+def references(adapter_root, loaded) -> dict[tuple[str | None, str], list[int]]:
+    """peft's own greedy output for every (adapter, prompt), each adapter alone."""
+    refs = {}
+    for name in [None, *(s.name for s in SPECS)]:
+        for prompt in ADAPTER_PROMPTS:
+            ids = loaded.tokenizer(prompt)["input_ids"]
+            adapter_dir = adapter_root / name / "1" if name else None
+            refs[(name, prompt)] = peft_greedy(loaded.model_dir, adapter_dir, ids, NEW_TOKENS)
+    return refs

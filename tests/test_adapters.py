@@ -1,40 +1,15 @@
 """Multi-LoRA serving on the real model: mixed batches equal peft, eviction, fairness, bad adapters."""
 
 import asyncio
-from pathlib import Path
 
 import pytest
 
 from server.adapters.weights import AdapterLoadError, AdapterNotFoundError
 from server.config import AdapterConfig
 from server.errors import ValidationError
-from tests.adapter_factory import SPECS, corrupt_copy, foreign_copy, make_peft_adapter, peft_greedy
-from tests.conftest import collect, greedy, run
-
-PROMPTS = ["What is machine learning?", "Once upon a time, in a small village,"]
-NEW_TOKENS = 32
-
-
-@pytest.fixture(scope="session")
-def adapter_root(tmp_path_factory, loaded) -> Path:
-    root = tmp_path_factory.mktemp("adapters")
-    for spec in SPECS:
-        make_peft_adapter(loaded.model_dir, root / spec.name / "1", spec)
-    corrupt_copy(root / SPECS[0].name / "1", root / "corrupt" / "1")
-    foreign_copy(root / SPECS[0].name / "1", root / "foreign" / "1")
-    return root
-
-
-@pytest.fixture(scope="session")
-def references(adapter_root, loaded) -> dict[tuple[str | None, str], list[int]]:
-    """peft's own greedy output for every (adapter, prompt), each adapter alone."""
-    refs = {}
-    for name in [None, *(s.name for s in SPECS)]:
-        for prompt in PROMPTS:
-            ids = loaded.tokenizer(prompt)["input_ids"]
-            adapter_dir = adapter_root / name / "1" if name else None
-            refs[(name, prompt)] = peft_greedy(loaded.model_dir, adapter_dir, ids, NEW_TOKENS)
-    return refs
+from tests.adapter_factory import SPECS
+from tests.conftest import ADAPTER_PROMPTS as PROMPTS
+from tests.conftest import NEW_TOKENS, collect, greedy, run
 
 
 def adapter_engine(make_engine, adapter_root, **limits):

@@ -125,7 +125,10 @@ async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
 
 def _timing_headers(req, started: float) -> dict[str, str]:
     ttft = (req.first_token_time or time.monotonic()) - req.arrival_time
+    adapter = req.adapter.key if req.adapter is not None else None
     return {
+        "x-adapter-id": adapter.id if adapter else "",
+        "x-adapter-source": adapter.source if adapter else "",
         "x-prompt-tokens": str(req.num_prompt_tokens),
         "x-generated-tokens": str(req.num_generated),
         "x-time-to-first-token": f"{ttft * 1000:.1f}",

@@ -11,7 +11,7 @@ import logging
 import queue
 import threading
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class Engine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, eos_token_ids: frozenset[int]) -> None:
         self.runner, self.scheduler, self.eos_token_ids = runner, scheduler, eos_token_ids
-        self._inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Request | Callable[[], None] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.fatal_error: Optional[BaseException] = None
@@ -62,7 +62,7 @@ class Engine:
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
-        self._inbox.put(None)  # type: ignore[arg-type]  # wakes a blocked drain
+        self._inbox.put(None)  # wakes a blocked drain
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -77,17 +77,30 @@ class Engine:
     def cancel(self, request: Request) -> None:
         """Thread-safe: the request leaves the batch at the end of the current step."""
         request.cancel_requested = True
-        self._inbox.put(None)  # type: ignore[arg-type]
+        self._inbox.put(None)
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Thread-safe: run `fn` on the engine thread between steps (device-tier changes)."""
+        self._inbox.put(fn)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
             item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
             while True:
-                if item is not None:
+                if isinstance(item, Request):
                     self.scheduler.add(item)
+                elif item is not None:
+                    self._run_command(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             return
+
+    @staticmethod
+    def _run_command(fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("engine command failed")
 
     # -- one step's pieces ----------------------------------------------------------------------
     def _forward(self, plan: BatchPlan) -> Optional[torch.Tensor]:
@@ -151,7 +164,7 @@ class Engine:
         try:
             while True:
                 item = self._inbox.get_nowait()
-                if item is not None:
+                if isinstance(item, Request):
                     item.finish(FinishReason.ERROR, message)
         except queue.Empty:
             pass

@@ -128,6 +128,14 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         self.running.append(request)
 
+    def evict_idle(self, key: object) -> bool:
+        """Evict the resident adapter with this key unless running requests use it."""
+        for adapter in list(self.adapters.active):
+            if adapter.key == key and not any(r.adapter is adapter for r in self.running):
+                self.adapters.evict(adapter)
+                return True
+        return False
+
     def retire(self, requests: list[Request]) -> None:
         """Remove finished requests from the batch and free their KV slots (slots stay dense)."""
         for request in requests:
