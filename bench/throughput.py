@@ -59,8 +59,10 @@ class Scenario:
     errors: int
 
 
-async def one_stream(client: httpx.AsyncClient, prompt: str, max_new_tokens: int) -> StreamResult:
-    body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "ignore_eos_token": True}}
+async def one_stream(client: httpx.AsyncClient, prompt: str, max_new_tokens: int,
+                     adapter_id: str | None = None) -> StreamResult:
+    body = {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens, "ignore_eos_token": True,
+                                             "adapter_id": adapter_id}}
     start = time.perf_counter()
     stamps: list[float] = []
     try:
@@ -83,14 +85,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def run_scenario(url: str, concurrency: int, max_new_tokens: int, rounds: int) -> Scenario:
+async def run_scenario(url: str, concurrency: int, max_new_tokens: int, rounds: int,
+                       adapters: list[str | None] | None = None) -> Scenario:
+    """`concurrency` streams at once (x rounds); stream i uses adapters[i % len(adapters)]."""
+    adapters = adapters or [None]
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        await one_stream(client, PROMPTS[0], 4)  # warm the connection pool and the server
+        await asyncio.gather(*(one_stream(client, PROMPTS[0], 2, a) for a in set(adapters)))  # warm every adapter
         start = time.perf_counter()
-        tasks = [one_stream(client, PROMPTS[i % len(PROMPTS)], max_new_tokens) for i in range(concurrency * rounds)]
+        tasks = [one_stream(client, PROMPTS[i % len(PROMPTS)], max_new_tokens, adapters[i % len(adapters)])
+                 for i in range(concurrency * rounds)]
         results = await asyncio.gather(*tasks)
         wall = time.perf_counter() - start
+    return summarize(concurrency, results, wall)
+
+
+def summarize(concurrency: int, results: list[StreamResult], wall: float) -> Scenario:
     ok = [r for r in results if r.error is None]
     tokens = sum(r.tokens for r in ok)
     itl = [g for r in ok for g in r.itl_s]

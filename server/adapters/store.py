@@ -15,8 +15,9 @@ from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+from server.adapters.merge import MergeSpec, merge
 from server.adapters.sources import AdapterSource, HubSource, LocalSource, PbaseSource, S3Source
 from server.adapters.weights import AdapterKey, AdapterWeights, read_adapter
 from server.errors import ValidationError
@@ -62,6 +63,9 @@ class AdapterStore:
 
     def get(self, key: AdapterKey) -> Future:
         """A Future of the adapter's AdapterWeights (already done on a CPU-tier hit)."""
+        return self._get(key, lambda: self._read(key))
+
+    def _get(self, key: AdapterKey, produce: Callable[[], AdapterWeights]) -> Future:
         with self._lock:
             self._last_used[key] = time.time()
             if key in self._cpu:
@@ -71,14 +75,30 @@ class AdapterStore:
                 done.set_result(self._cpu[key])
                 return done
             if key not in self._pending:
-                self._pending[key] = self._pool.submit(self._load, key)
+                self._pending[key] = self._pool.submit(self._load, key, produce)
             return self._pending[key]
 
-    def _load(self, key: AdapterKey) -> AdapterWeights:
+    def get_merged(self, spec: MergeSpec) -> Future:
+        """A Future of the merged adapter, built from its parts on a worker and cached by its spec."""
+        def produce() -> AdapterWeights:
+            return merge(spec, [self._load_now(self.key_for(i, spec.source)) for i in spec.ids])
+
+        return self._get(spec.key, produce)
+
+    def _load_now(self, key: AdapterKey) -> AdapterWeights:
+        """On a worker: a part of a merge, from the CPU tier or read in place (no nested futures)."""
+        with self._lock:
+            if key in self._cpu:
+                return self._cpu[key]
+        return self._load(key, lambda: self._read(key))
+
+    def _read(self, key: AdapterKey) -> AdapterWeights:
+        return read_adapter(key, self.sources[key.source].fetch(key.id), self.arch)
+
+    def _load(self, key: AdapterKey, produce: Callable[[], AdapterWeights]) -> AdapterWeights:
         started = time.monotonic()
         try:
-            directory = self.sources[key.source].fetch(key.id)
-            weights = read_adapter(key, directory, self.arch)
+            weights = produce()
         except Exception:
             self.stats["load_failures"] += 1
             with self._lock:

@@ -68,12 +68,12 @@ def to_generation_input(inputs: str, p: GenerateParameters, limits: Limits) -> G
         truncate=p.truncate,
         adapter_id=p.adapter_id or None,
         adapter_source=p.adapter_source,
+        merged_adapters=p.merged_adapters,
     )
 
 
 def _reject_unsupported(p: GenerateParameters) -> None:
     """Fields this build parses but does not act on are refused, never silently ignored."""
-    _check(not p.merged_adapters, "`merged_adapters` is not supported yet")
     _check(p.best_of in (None, 1), "`best_of` > 1 is not supported")
     _check(not p.watermark, "`watermark` is not supported")
     _check(not p.decoder_input_details, "`decoder_input_details` is not supported")

@@ -13,6 +13,7 @@ from typing import AsyncIterator, Optional
 
 import torch
 
+from server.adapters.merge import MergeSpec
 from server.adapters.store import AdapterStore
 from server.adapters.weights import AdapterWeights
 from server.config import Limits
@@ -42,6 +43,7 @@ class GenerationInput:
     truncate: Optional[int] = None
     adapter_id: Optional[str] = None  # None or "": the base model
     adapter_source: Optional[str] = None  # pbase (default) | local | hub | s3
+    merged_adapters: Optional[dict] = None  # LoRAX's {ids, weights, merge_strategy, density, ...}
     processors: tuple[LogitsProcessor, ...] = ()
 
 
@@ -88,7 +90,7 @@ class AsyncEngine:
             raise OverloadedError(
                 f"server is at max_concurrent_requests ({self.limits.max_concurrent_requests}); retry later"
             )
-        adapter = await self.adapter(inp.adapter_id, inp.adapter_source)
+        adapter = await self.adapter(inp.adapter_id, inp.adapter_source, inp.merged_adapters)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[RequestEvent] = asyncio.Queue()
         request = Request(
@@ -105,8 +107,13 @@ class AsyncEngine:
         self.engine.submit(request)
         return RequestHandle(request, events, self)
 
-    async def adapter(self, adapter_id: Optional[str], source: Optional[str]) -> Optional[AdapterWeights]:
+    async def adapter(self, adapter_id: Optional[str], source: Optional[str],
+                      merged: Optional[dict] = None) -> Optional[AdapterWeights]:
         """The adapter's weights, loaded off the engine loop (None for the base model)."""
+        if merged:
+            if adapter_id:
+                raise ValidationError("give either adapter_id or merged_adapters, not both")
+            return await asyncio.wrap_future(self.store.get_merged(MergeSpec.parse(merged, source)))
         if not adapter_id or adapter_id == self.loaded.name:
             return None
         return await asyncio.wrap_future(self.store.get(self.store.key_for(adapter_id, source)))

@@ -1,0 +1,129 @@
+"""Multi-LoRA throughput and cold-load latency, as ratios against baselines run in the same invocation.
+
+1. 32 concurrent streams over 8 adapters vs the same load on the base model alone;
+2. the naive baseline: transformers + peft, one request at a time, set_adapter per request;
+3. inter-token latency p99 of running streams while cold adapters load vs steady state.
+
+    .venv/bin/python bench/lora_mix.py [--streams 32] [--adapters 8] [--max-new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.throughput import PROMPTS, machine, one_stream, run_scenario, summarize  # noqa: E402
+from server.model.default_model import default_model_dir  # noqa: E402
+from tests.adapter_factory import AdapterSpec, make_peft_adapter  # noqa: E402
+from tests.conftest import ServerProcess  # noqa: E402
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_adapters(root: Path, base: Path, names: list[str], rank: int) -> None:
+    for i, name in enumerate(names):
+        make_peft_adapter(base, root / name / "1", AdapterSpec(name, rank, 2 * rank, ALL_PROJECTIONS, seed=100 + i))
+
+
+async def cold_load_itl(url: str, resident: list[str], cold: list[str], streams: int, max_new: int) -> dict:
+    """ITL of `streams` running streams, first alone, then while each cold adapter is requested in turn."""
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        await asyncio.gather(*(one_stream(client, PROMPTS[0], 2, a) for a in resident))
+
+        async def running():
+            start = time.perf_counter()
+            results = await asyncio.gather(*(one_stream(client, PROMPTS[i % len(PROMPTS)], max_new,
+                                                        resident[i % len(resident)]) for i in range(streams)))
+            return summarize(streams, list(results), time.perf_counter() - start)
+
+        steady = await running()
+
+        async def churn():
+            await asyncio.sleep(1.0)
+            for name in cold:  # one cold load after another while the streams decode
+                await one_stream(client, PROMPTS[1], 1, name)
+
+        loading, _ = await asyncio.gather(running(), churn())
+    return {"steady": steady.__dict__, "during_cold_loads": loading.__dict__,
+            "itl_p99_ratio": round(loading.itl_p99_ms / steady.itl_p99_ms, 3)}
+
+
+def naive_peft_baseline(base: Path, adapters_dir: Path, names: list[str], requests: int, max_new: int) -> dict:
+    """transformers + peft, one request at a time, set_adapter before each (what we replace)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapters_dir / names[0] / "1",
+                                      adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters_dir / name / "1", adapter_name=name)
+    model.eval()
+    tokens, start = 0, time.perf_counter()
+    with torch.no_grad():
+        for i in range(requests):
+            model.set_adapter(names[i % len(names)])
+            ids = tokenizer(PROMPTS[i % len(PROMPTS)], return_tensors="pt")
+            out = model.generate(**ids, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
+            tokens += out.shape[1] - ids["input_ids"].shape[1]
+    wall = time.perf_counter() - start
+    return {"requests": requests, "tokens": tokens, "wall_s": round(wall, 2), "tokens_per_s": round(tokens / wall, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--naive-requests", type=int, default=8)
+    args = parser.parse_args()
+
+    base = default_model_dir()
+    names = [f"bench-{i}" for i in range(args.adapters)]
+    cold = [f"cold-{i}" for i in range(4)]
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters_dir = Path(tmp)
+        make_adapters(adapters_dir, base, names + cold, args.rank)
+        (ROOT / ".pytest_cache").mkdir(exist_ok=True)
+        server = ServerProcess("--max-active-adapters", str(args.adapters + len(cold)),
+                               env={"LORASERVE_ADAPTERS_DIR": str(adapters_dir)}).wait_ready()
+        try:
+            info = httpx.get(server.url + "/info", timeout=10).json()
+            base_run = asyncio.run(run_scenario(server.url, args.streams, args.max_new_tokens, 1, [None]))
+            mixed = asyncio.run(run_scenario(server.url, args.streams, args.max_new_tokens, 1, list(names)))
+            cold_report = asyncio.run(cold_load_itl(server.url, names[:4], [f"{c}/1" for c in cold], 8, 96))
+        finally:
+            server.stop()
+        naive = naive_peft_baseline(base, adapters_dir, names, args.naive_requests, args.max_new_tokens)
+
+    report = {
+        "benchmark": "lora_mix", "machine": machine(), "server": info, "command": " ".join(sys.argv),
+        "adapter_rank": args.rank, "base_only": base_run.__dict__, "mixed_adapters": mixed.__dict__,
+        "naive_peft": naive, "cold_load": cold_report,
+        "ratios": {"mixed_vs_base": round(mixed.tokens_per_s / base_run.tokens_per_s, 3),
+                   "mixed_vs_naive_peft": round(mixed.tokens_per_s / naive["tokens_per_s"], 2),
+                   "itl_p99_cold_vs_steady": cold_report["itl_p99_ratio"]},
+    }
+    out = ROOT / "bench" / "results" / f"lora_mix-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=2))
+    print(json.dumps(report["ratios"], indent=2))
+    print(f"base {base_run.tokens_per_s} tok/s, {args.adapters} adapters {mixed.tokens_per_s} tok/s, "
+          f"naive peft {naive['tokens_per_s']} tok/s; ITL p99 steady {cold_report['steady']['itl_p99_ms']} ms, "
+          f"during cold loads {cold_report['during_cold_loads']['itl_p99_ms']} ms")
+    print(f"saved {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
