@@ -46,6 +46,7 @@ class Limits:
     max_batch_size: int = 32
     max_concurrent_requests: int = 128
     max_stop_sequences: int = 4
+    max_best_of: int = 4
     max_active_adapters: int = 8
 
     def __post_init__(self) -> None:
@@ -82,8 +83,11 @@ class AdapterConfig:
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080
+    max_request_bytes: int = 4 * 1024 * 1024  # larger bodies get 413
+    deployment_names: tuple[str, ...] = ("default",)  # accepted in /{tenant}/deployments/v2/llms/{name}/
 
     def __post_init__(self) -> None:
+        _check_min("max_request_bytes", self.max_request_bytes, 1024)
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
 

@@ -20,6 +20,16 @@ class ValidationError(ServingError):
     status_code = 422
 
 
+class NotFoundError(ServingError):
+    error_type = "not_found"
+    status_code = 404
+
+
+class PayloadTooLargeError(ServingError):
+    error_type = "payload_too_large"
+    status_code = 413
+
+
 class OverloadedError(ServingError):
     error_type = "overloaded"
     status_code = 429

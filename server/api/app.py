@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 
 from server import __version__
 from server.api import admin, native
-from server.api.errors import error_response, install_error_handlers
+from server.api.errors import error_body, error_response, install_error_handlers
 from server.api.schemas import Info
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
@@ -45,6 +45,46 @@ class EngineHolder:
             self.error = f"{type(exc).__name__}: {exc}"
 
 
+class BodySizeLimit:
+    """Reads request bodies up to `max_bytes` and answers 413 (JSON, route-family shape) beyond."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_large(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await self._too_large(scope, receive, send)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send) -> None:
+        body = error_body(scope["path"], 413, "payload_too_large",
+                          f"request body is larger than max_request_bytes ({self.max_bytes})")
+        await JSONResponse(body, status_code=413)(scope, receive, send)
+
+
 def create_app(settings: Settings, factory: EngineFactory) -> FastAPI:
     holder = EngineHolder(settings, factory)
 
@@ -57,7 +97,8 @@ def create_app(settings: Settings, factory: EngineFactory) -> FastAPI:
             holder.engine.engine.stop()
 
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)
-    app.state.holder = holder
+    app.state.holder, app.state.settings = holder, settings
+    app.add_middleware(BodySizeLimit, max_bytes=settings.http.max_request_bytes)
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(admin.router)

@@ -46,6 +46,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        content_type = request.headers.get("content-type", "")
+        if request.method == "POST" and "json" not in content_type:
+            message = f"Content-Type must be application/json; got {content_type or 'none'}"
+            return error_response(request, 415, "unsupported_media_type", message)
         return error_response(request, 422, "validation", describe_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)

@@ -1,30 +1,39 @@
-"""Native Predibase / LoRAX routes: POST /generate and POST /generate_stream (SSE)."""
+"""Native Predibase / LoRAX routes: POST /generate, POST /generate_stream (SSE) and POST / (the route
+lorax-client uses), each also under the seeds' path /{tenant}/deployments/v2/llms/{deployment}/."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from dataclasses import replace
 from typing import AsyncIterator, Optional
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
 from server.api.schemas import (
+    AlternativeToken,
+    BestOfSequence,
     Details,
     GenerateParameters,
     GenerateRequest,
     GenerateResponse,
+    PrefillToken,
     StreamDetails,
     StreamResponse,
     Token,
 )
 from server.config import Limits
 from server.engine.async_engine import AsyncEngine, GenerationInput, RequestHandle, resolved_seed
-from server.engine.request import FinishReason, RequestEvent, SamplingParams, TokenInfo
-from server.errors import GenerationError, UnavailableError, ValidationError
+from server.engine.request import FinishReason, OutputOptions, SamplingParams, TokenInfo
+from server.engine.request import Request as EngineRequest
+from server.errors import GenerationError, NotFoundError, UnavailableError, ValidationError
 
 router = APIRouter()
+DEPLOYMENT_PREFIX = "/{tenant}/deployments/v2/llms/{deployment}"
+MAX_ALTERNATIVES = 10
 
 
 def engine_of(request: Request) -> AsyncEngine:
@@ -34,9 +43,18 @@ def engine_of(request: Request) -> AsyncEngine:
     return engine
 
 
-def to_generation_input(inputs: str, p: GenerateParameters, limits: Limits) -> GenerationInput:
+def check_deployment(request: Request, deployment: str) -> None:
+    """The seeds' URLs name a deployment: it must be this server's model or a configured alias."""
+    engine = engine_of(request)
+    names = {engine.loaded.name.lower(), *(n.lower() for n in request.app.state.settings.http.deployment_names)}
+    if deployment.lower() not in names:
+        raise NotFoundError(f"deployment {deployment!r} not found; this server serves {sorted(names)}")
+
+
+# -- parameters -----------------------------------------------------------------------------------
+def to_generation_input(inputs: str, p: GenerateParameters, limits: Limits, stream: bool) -> GenerationInput:
     """LoRAX's parameter validation and meaning, as one pure function (422 names the field)."""
-    _reject_unsupported(p)
+    _check(not p.watermark, "`watermark` is not supported")
     _check(p.temperature is None or p.temperature >= 0, "`temperature` must be >= 0 (0 means greedy)")
     _check(p.repetition_penalty is None or p.repetition_penalty > 0, "`repetition_penalty` must be strictly positive")
     _check(p.top_k is None or p.top_k > 0, "`top_k` must be strictly positive")
@@ -47,21 +65,25 @@ def to_generation_input(inputs: str, p: GenerateParameters, limits: Limits) -> G
     _check(p.seed is None or 0 <= p.seed < 2**64, "`seed` must be a non-negative 64-bit integer")
     _check(len(p.stop) <= limits.max_stop_sequences,
            f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(p.stop)}")
+    _check(not (p.decoder_input_details and stream), "`decoder_input_details` == true is not supported when streaming")
+    _check(p.return_k_alternatives is None or 0 < p.return_k_alternatives <= MAX_ALTERNATIVES,
+           f"`return_k_alternatives` must be between 1 and {MAX_ALTERNATIVES}")
+    _check(p.response_format is None, "`response_format` is not supported yet")
     warpers = (p.temperature not in (None, 1.0)) or bool(p.top_k) or (p.top_p or 1.0) < 1 or (p.typical_p or 1.0) < 1
-    params = SamplingParams(
-        temperature=1.0 if p.temperature is None else p.temperature,
-        top_k=p.top_k or 0,
-        top_p=p.top_p or 1.0,
-        typical_p=p.typical_p or 1.0,
-        repetition_penalty=p.repetition_penalty or 1.0,
-        frequency_penalty=p.frequency_penalty or 0.0,
-        presence_penalty=p.presence_penalty or 0.0,
-        do_sample=p.do_sample or warpers,
-        seed=p.seed,
-    )
+    _check_best_of(p, limits, stream, sampling=p.do_sample or warpers)
     return GenerationInput(
         prompt=inputs,
-        params=params,
+        params=SamplingParams(
+            temperature=1.0 if p.temperature is None else p.temperature,
+            top_k=p.top_k or 0,
+            top_p=p.top_p or 1.0,
+            typical_p=p.typical_p or 1.0,
+            repetition_penalty=p.repetition_penalty or 1.0,
+            frequency_penalty=p.frequency_penalty or 0.0,
+            presence_penalty=p.presence_penalty or 0.0,
+            do_sample=p.do_sample or warpers,
+            seed=p.seed,
+        ),
         max_new_tokens=p.max_new_tokens,
         stop_sequences=tuple(p.stop),
         ignore_eos=p.ignore_eos_token,
@@ -69,16 +91,17 @@ def to_generation_input(inputs: str, p: GenerateParameters, limits: Limits) -> G
         adapter_id=p.adapter_id or None,
         adapter_source=p.adapter_source,
         merged_adapters=p.merged_adapters,
+        options=OutputOptions(top_alternatives=p.return_k_alternatives or 0, prefill_logprobs=p.decoder_input_details),
     )
 
 
-def _reject_unsupported(p: GenerateParameters) -> None:
-    """Fields this build parses but does not act on are refused, never silently ignored."""
-    _check(p.best_of in (None, 1), "`best_of` > 1 is not supported")
-    _check(not p.watermark, "`watermark` is not supported")
-    _check(not p.decoder_input_details, "`decoder_input_details` is not supported")
-    _check(not p.return_k_alternatives, "`return_k_alternatives` is not supported")
-    _check(p.response_format is None, "`response_format` is not supported")
+def _check_best_of(p: GenerateParameters, limits: Limits, stream: bool, sampling: bool) -> None:
+    if p.best_of is None or p.best_of == 1:
+        return
+    _check(p.best_of > 1, "`best_of` must be strictly positive")
+    _check(p.best_of <= limits.max_best_of, f"`best_of` must be <= {limits.max_best_of}. Given: {p.best_of}")
+    _check(sampling, "`best_of` != 1 is not allowed for greedy decoding: set do_sample or a temperature")
+    _check(not stream, "`best_of` != 1 is not supported when streaming tokens")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -86,8 +109,19 @@ def _check(ok: bool, message: str) -> None:
         raise ValidationError(message)
 
 
-def _token(info: TokenInfo) -> Token:
-    return Token(id=info.id, text=info.text, logprob=info.logprob, special=info.special)
+# -- responses ------------------------------------------------------------------------------------
+def _token(info: TokenInfo, engine: AsyncEngine) -> Token:
+    alternatives = None
+    if info.alternatives:
+        alternatives = [AlternativeToken(id=a.id, text=engine.token_text(a.id), logprob=a.logprob)
+                        for a in info.alternatives]
+    return Token(id=info.id, text=info.text, logprob=info.logprob, special=info.special,
+                 alternative_tokens=alternatives)
+
+
+def _prefill(req: EngineRequest, engine: AsyncEngine) -> list[PrefillToken]:
+    return [PrefillToken(id=t, text=engine.token_text(t), logprob=lp)
+            for t, lp in zip(req.prompt_ids, req.prefill_logprobs)]
 
 
 async def _collect(handle: RequestHandle) -> tuple[list[TokenInfo], FinishReason]:
@@ -102,28 +136,7 @@ async def _collect(handle: RequestHandle) -> tuple[list[TokenInfo], FinishReason
     raise GenerationError("request ended without a result")
 
 
-@router.post("/generate", response_model=GenerateResponse)
-async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
-    engine = engine_of(request)
-    started = time.monotonic()
-    handle = await engine.submit(to_generation_input(body.inputs, body.parameters, engine.limits))
-    tokens, reason = await _collect(handle)
-    req = handle.request
-    text = (body.inputs if body.parameters.return_full_text else "") + req.output_text
-    details = None
-    if body.parameters.details:
-        details = Details(
-            finish_reason=reason.value,
-            prompt_tokens=req.num_prompt_tokens,
-            generated_tokens=req.num_generated,
-            seed=resolved_seed(req),
-            tokens=[_token(t) for t in tokens],
-        )
-    body_out = GenerateResponse(generated_text=text, details=details).model_dump(exclude_none=True)
-    return JSONResponse(body_out, headers=_timing_headers(req, started))
-
-
-def _timing_headers(req, started: float) -> dict[str, str]:
+def _timing_headers(req: EngineRequest, started: float) -> dict[str, str]:
     ttft = (req.first_token_time or time.monotonic()) - req.arrival_time
     adapter = req.adapter.key if req.adapter is not None else None
     return {
@@ -136,31 +149,108 @@ def _timing_headers(req, started: float) -> dict[str, str]:
     }
 
 
-@router.post("/generate_stream")
+async def _run_best_of(engine: AsyncEngine, inp: GenerationInput, n: int):
+    """n sampled candidates (seeds seed, seed+1, ... when a seed is given); best total log-prob first."""
+    def variant(i: int) -> GenerationInput:
+        seed = None if inp.params.seed is None else (inp.params.seed + i) % 2**64
+        return replace(inp, params=replace(inp.params, seed=seed))
+
+    handles = [await engine.submit(variant(i)) for i in range(n)]
+    try:
+        results = await asyncio.gather(*(_collect(h) for h in handles))
+    finally:
+        for h in handles:
+            h.close()
+    ranked = sorted(zip(handles, results), key=lambda hr: -sum(hr[0].request.output_logprobs))
+    return ranked
+
+
+async def generate_response(body: GenerateRequest, request: Request) -> tuple[GenerateResponse, dict[str, str]]:
+    engine = engine_of(request)
+    started = time.monotonic()
+    p = body.parameters
+    inp = to_generation_input(body.inputs, p, engine.limits, stream=False)
+    ranked = await _run_best_of(engine, inp, p.best_of or 1)
+    (best, (tokens, reason)), others = ranked[0], ranked[1:]
+    prefix = body.inputs if p.return_full_text else ""
+    details = None
+    if p.details or p.decoder_input_details:
+        details = Details(
+            finish_reason=reason.value,
+            prompt_tokens=best.request.num_prompt_tokens,
+            generated_tokens=best.request.num_generated,
+            seed=resolved_seed(best.request),
+            prefill=_prefill(best.request, engine),
+            tokens=[_token(t, engine) for t in tokens],
+            best_of_sequences=[_best_of_sequence(h, toks, why, prefix, engine) for h, (toks, why) in others] or None,
+        )
+    return GenerateResponse(generated_text=prefix + best.request.output_text, details=details), \
+        _timing_headers(best.request, started)
+
+
+def _best_of_sequence(handle: RequestHandle, tokens, reason: FinishReason, prefix: str,
+                      engine: AsyncEngine) -> BestOfSequence:
+    req = handle.request
+    return BestOfSequence(generated_text=prefix + req.output_text, finish_reason=reason.value,
+                          generated_tokens=req.num_generated, seed=resolved_seed(req),
+                          prefill=_prefill(req, engine), tokens=[_token(t, engine) for t in tokens])
+
+
+# -- routes ---------------------------------------------------------------------------------------
+def _dump(response: GenerateResponse) -> dict:
+    """JSON as LoRAX writes it: optional parts left out when unused, a prefill's first logprob null."""
+    body = response.model_dump()
+    details = body["details"]
+    if details is None:
+        del body["details"]
+        return body
+    if details["best_of_sequences"] is None:
+        del details["best_of_sequences"]
+    for sequence in [details, *details.get("best_of_sequences", [])]:
+        for token in sequence["tokens"]:
+            if token["alternative_tokens"] is None:
+                del token["alternative_tokens"]
+    return body
+
+
+async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
+    response, headers = await generate_response(body, request)
+    return JSONResponse(_dump(response), headers=headers)
+
+
 async def generate_stream(body: GenerateRequest, request: Request) -> EventSourceResponse:
     engine = engine_of(request)
-    handle = await engine.submit(to_generation_input(body.inputs, body.parameters, engine.limits))
+    inp = to_generation_input(body.inputs, body.parameters, engine.limits, stream=True)
+    handle = await engine.submit(inp)
     prefix = body.inputs if body.parameters.return_full_text else ""
-    return EventSourceResponse(_stream_events(handle, prefix), ping=15)
+    return EventSourceResponse(_stream_events(handle, prefix, engine), ping=15)
 
 
-async def _stream_events(handle: RequestHandle, prefix: str) -> AsyncIterator[dict]:
+async def compat_generate(body: GenerateRequest, request: Request):
+    """POST / as lorax-client and TGI use it: a one-element list, or SSE when `stream` is true."""
+    if body.stream:
+        return await generate_stream(body, request)
+    response, headers = await generate_response(body, request)
+    return JSONResponse([_dump(response)], headers=headers)
+
+
+async def _stream_events(handle: RequestHandle, prefix: str, engine: AsyncEngine) -> AsyncIterator[dict]:
     req = handle.request
     async for event in handle:
         if event.error is not None:
             yield {"data": json.dumps({"error": event.error, "error_type": "generation"})}
         elif event.token is not None:
-            yield {"data": _stream_response(event, req, prefix).model_dump_json()}
+            out = StreamResponse(token=_token(event.token, engine))
+            if event.finish_reason is not None:
+                out.generated_text = prefix + req.output_text
+                out.details = StreamDetails(finish_reason=event.finish_reason.value,
+                                            prompt_tokens=req.num_prompt_tokens,
+                                            generated_tokens=req.num_generated, seed=resolved_seed(req))
+            yield {"data": out.model_dump_json()}
 
 
-def _stream_response(event: RequestEvent, req, prefix: str) -> StreamResponse:
-    out = StreamResponse(token=_token(event.token))
-    if event.finish_reason is not None:
-        out.generated_text = prefix + req.output_text
-        out.details = StreamDetails(
-            finish_reason=event.finish_reason.value,
-            prompt_tokens=req.num_prompt_tokens,
-            generated_tokens=req.num_generated,
-            seed=resolved_seed(req),
-        )
-    return out
+for _prefix, _deps in (("", []), (DEPLOYMENT_PREFIX, [Depends(check_deployment)])):
+    router.add_api_route(_prefix + "/generate", generate, methods=["POST"], response_model=GenerateResponse,
+                         dependencies=_deps)
+    router.add_api_route(_prefix + "/generate_stream", generate_stream, methods=["POST"], dependencies=_deps)
+    router.add_api_route(_prefix or "/", compat_generate, methods=["POST"], dependencies=_deps)

@@ -42,11 +42,33 @@ class GenerateRequest(BaseModel):
     stream: bool = False  # used by the lorax-client route POST /
 
 
+class AlternativeToken(BaseModel):
+    id: int
+    text: str
+    logprob: float
+
+
+class PrefillToken(BaseModel):
+    id: int
+    text: str
+    logprob: Optional[float] = None  # None for the first prompt token
+
+
 class Token(BaseModel):
     id: int
     text: str
     logprob: Optional[float] = None
     special: bool
+    alternative_tokens: Optional[list[AlternativeToken]] = None
+
+
+class BestOfSequence(BaseModel):
+    generated_text: str
+    finish_reason: str
+    generated_tokens: int
+    seed: Optional[int] = None
+    prefill: list[PrefillToken] = Field(default_factory=list)
+    tokens: list[Token] = Field(default_factory=list)
 
 
 class Details(BaseModel):
@@ -54,8 +76,9 @@ class Details(BaseModel):
     prompt_tokens: int
     generated_tokens: int
     seed: Optional[int] = None
-    prefill: list[Token] = Field(default_factory=list)
+    prefill: list[PrefillToken] = Field(default_factory=list)
     tokens: list[Token] = Field(default_factory=list)
+    best_of_sequences: Optional[list[BestOfSequence]] = None
 
 
 class GenerateResponse(BaseModel):

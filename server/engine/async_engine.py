@@ -22,6 +22,7 @@ from server.engine.engine import Engine
 from server.engine.request import (
     FinishReason,
     LogitsProcessor,
+    OutputOptions,
     Request,
     RequestEvent,
     SamplingParams,
@@ -44,6 +45,7 @@ class GenerationInput:
     adapter_id: Optional[str] = None  # None or "": the base model
     adapter_source: Optional[str] = None  # pbase (default) | local | hub | s3
     merged_adapters: Optional[dict] = None  # LoRAX's {ids, weights, merge_strategy, density, ...}
+    options: OutputOptions = OutputOptions()
     processors: tuple[LogitsProcessor, ...] = ()
 
 
@@ -79,6 +81,9 @@ class AsyncEngine:
     def tokenize(self, text: str) -> list[int]:
         return self.loaded.tokenizer(text, add_special_tokens=True)["input_ids"]
 
+    def token_text(self, token_id: int) -> str:
+        return self.loaded.tokenizer.decode([token_id], skip_special_tokens=False)
+
     async def submit(self, inp: GenerationInput) -> RequestHandle:
         """Validate, admit, load the adapter, queue. Raises ValidationError, OverloadedError,
         UnavailableError, or GenerationError (424) when the adapter can't be loaded."""
@@ -101,6 +106,7 @@ class AsyncEngine:
             sink=_threadsafe_sink(loop, events),
             adapter=adapter,
             processors=list(inp.processors),
+            options=inp.options,
             generator=_generator(inp.params, self.loaded.device),
         )
         self._in_flight.add(request)

@@ -136,7 +136,7 @@ class Engine:
         detok = request.detokenizer
         special = detok.is_special(token.token_id)
         text = detok.special_text(token.token_id) if special else detok.add(token.token_id)
-        info = TokenInfo(token.token_id, text, token.logprob, special)
+        info = TokenInfo(token.token_id, text, token.logprob, special, token.alternatives)
         reason = self._finish_reason(request, token.token_id, text)
         if reason is None:
             request.sink(RequestEvent(token=info))

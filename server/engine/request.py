@@ -63,11 +63,26 @@ class StopCriteria:
 
 
 @dataclass(frozen=True)
+class OutputOptions:
+    """What a request wants reported beyond its tokens."""
+
+    top_alternatives: int = 0  # the k most likely tokens at each step (return_k_alternatives)
+    prefill_logprobs: bool = False  # log-probs of the prompt tokens (decoder_input_details)
+
+
+@dataclass(frozen=True)
+class Alternative:
+    id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
 class TokenInfo:
     id: int
     text: str
     logprob: float
     special: bool
+    alternatives: tuple[Alternative, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,9 +106,11 @@ class Request:
     sink: Callable[[RequestEvent], None]
     adapter: Optional[AdapterWeights] = None  # None: the base model
     processors: list[LogitsProcessor] = field(default_factory=list)
+    options: OutputOptions = field(default_factory=OutputOptions)
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
+    prefill_logprobs: list[Optional[float]] = field(default_factory=list)  # filled at prefill if asked
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: Optional[FinishReason] = None
     slot: Optional[int] = None

@@ -22,7 +22,27 @@ class ModelRunner:
         """Returns logits [len(plan.requests), vocab] (float32) for each request's next token."""
         batch = self.build_batch(plan)
         self.kv.ensure_capacity(max(batch.context_lens))
-        return self.model(batch, self.kv)
+        if plan.is_decode or not any(r.options.prefill_logprobs for r in plan.requests):
+            return self.model(batch, self.kv)
+        return self._run_with_prompt_logprobs(plan, batch)
+
+    def _run_with_prompt_logprobs(self, plan: BatchPlan, batch: ForwardBatch) -> torch.Tensor:
+        """Prefill that also scores every prompt token of the requests that asked for it."""
+        ends = batch.last_token_rows.tolist()
+        spans = [range(end - n + 1, end + 1) if r.options.prefill_logprobs else range(end, end + 1)
+                 for r, n, end in zip(plan.requests, batch.query_lens, ends)]
+        batch.logit_rows = torch.tensor([i for span in spans for i in span], device=self.device)
+        logits = self.model(batch, self.kv)  # [sum(len(span)), vocab]
+        last, start = [], 0
+        for request, span in zip(plan.requests, spans):
+            rows = logits[start : start + len(span)]
+            if request.options.prefill_logprobs:
+                request.prefill_logprobs = score_prompt(rows[:-1], request.prompt_ids)
+            last.append(rows[-1])
+            start += len(span)
+        return torch.stack(last)
+
+
 
     def build_batch(self, plan: BatchPlan) -> ForwardBatch:
         requests = plan.requests
@@ -43,3 +63,10 @@ class ModelRunner:
             is_decode=plan.is_decode,
             lora=self.adapters.batch_for([r.adapter for r in requests], query_lens),
         )
+
+
+def score_prompt(logits: torch.Tensor, prompt_ids: list[int]) -> list[float | None]:
+    """logits: [prompt_len - 1, vocab], row i predicting prompt token i + 1. The first token has none."""
+    targets = torch.tensor(prompt_ids[1:], device=logits.device)
+    scores = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+    return [None, *scores.tolist()]

@@ -11,13 +11,14 @@ from typing import Sequence
 
 import torch
 
-from server.engine.request import Request, SamplingParams
+from server.engine.request import Alternative, Request, SamplingParams
 
 
 @dataclass(frozen=True)
 class SampledToken:
     token_id: int
     logprob: float
+    alternatives: tuple[Alternative, ...] = ()
 
 
 def apply_penalties(
@@ -74,12 +75,20 @@ def sample_row(logits: torch.Tensor, request: Request) -> SampledToken:
     for processor in request.processors:
         logits = processor(logits, request)
     if params.greedy:
+        log_probs = logits.log_softmax(-1)
         token = int(torch.argmax(logits))
-        return SampledToken(token, float(logits.log_softmax(-1)[token]))
-    warped = warp(logits, params)
-    log_probs = warped.log_softmax(-1)
-    token = int(torch.multinomial(log_probs.exp(), 1, generator=request.generator))
-    return SampledToken(token, float(log_probs[token]))
+    else:
+        log_probs = warp(logits, params).log_softmax(-1)
+        token = int(torch.multinomial(log_probs.exp(), 1, generator=request.generator))
+    return SampledToken(token, float(log_probs[token]), top_alternatives(log_probs, request.options.top_alternatives))
+
+
+def top_alternatives(log_probs: torch.Tensor, k: int) -> tuple[Alternative, ...]:
+    """The k most likely tokens of the final distribution ([vocab]), most likely first."""
+    if k <= 0:
+        return ()
+    values, ids = torch.topk(log_probs, k)
+    return tuple(Alternative(int(i), float(v)) for i, v in zip(ids.tolist(), values.tolist()))
 
 
 def greedy_batch(logits: torch.Tensor) -> list[SampledToken]:
@@ -90,7 +99,8 @@ def greedy_batch(logits: torch.Tensor) -> list[SampledToken]:
 
 
 def is_plain_greedy(request: Request) -> bool:
-    return request.params.greedy and not request.params.has_penalties and not request.processors
+    return (request.params.greedy and not request.params.has_penalties and not request.processors
+            and not request.options.top_alternatives)
 
 
 def plain_greedy_rows(requests: Sequence[Request]) -> list[int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,7 @@ class ForwardBatch:
     context_lens: list[int]  # tokens in the cache per sequence after this step
     is_decode: bool
     lora: Any = None  # per-row adapter plan, consumed by LoRA-wrapped projections
+    logit_rows: Optional[torch.Tensor] = None  # [rows] tokens to return logits for; default: each last
 
     @property
     def last_token_rows(self) -> torch.Tensor:  # [seqs] index of each sequence's last token
@@ -226,7 +227,8 @@ class Backbone(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Decoder + LM head. forward() returns logits only for each sequence's last new token."""
+    """Decoder + LM head. forward() returns logits for each sequence's last new token (or the
+    batch's `logit_rows`)."""
 
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
@@ -239,8 +241,9 @@ class CausalLM(nn.Module):
         h = self.model.embed_tokens(batch.input_ids)  # [tokens, hidden]
         for layer in self.model.layers:
             h = layer(h, batch, self.rotary, kv)
-        h = self.model.norm(h[batch.last_token_rows])  # [seqs, hidden]
-        return self.lm_head(h).float()  # [seqs, vocab]
+        rows = batch.last_token_rows if batch.logit_rows is None else batch.logit_rows
+        h = self.model.norm(h[rows])  # [rows, hidden]
+        return self.lm_head(h).float()  # [rows, vocab]
 
     @classmethod
     def from_pretrained(cls, model_dir: Path, device: torch.device, dtype: torch.dtype) -> "CausalLM":
