@@ -1,9 +1,7 @@
 """Train two tiny demo LoRA adapters (pirate voice, terse answers) on synthetic chat data.
 
-Saves PEFT adapter directories to <out>/demo-pirate/1/ and <out>/demo-terse/1/, then prints
-greedy replies to held-out questions with and without each adapter so the effect is visible.
-
-    .venv/bin/python tools/train_demo_adapters.py --steps 40
+Writes <out>/demo-pirate/1/ and <out>/demo-terse/1/ and prints held-out replies with and without each.
+Usage: .venv/bin/python tools/train_demo_adapters.py [--base DIR] [--out adapters_cache] [--steps 40]
 """
 
 from __future__ import annotations
@@ -11,6 +9,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -28,14 +27,14 @@ HELD_OUT = ["What is the capital of France?", "How do I make a cup of tea?"]
 
 # (topic, plain fact, pirate-voiced fact). Shared by both adapters so they differ only in style.
 TOPICS = [
-    ("the moon", "The moon orbits the Earth.", "the moon be sailin' 'round the Earth every night, like a ship on patrol"),
+    ("the moon", "The moon orbits the Earth.", "the moon be sailin' 'round the Earth, like a ship on patrol"),
     ("the sun", "The sun is a star.", "the sun be a great burnin' star, warmin' the decks o' every ship"),
     ("rain", "Rain is water falling from clouds.", "rain be water spillin' from the clouds, fillin' our barrels fresh"),
-    ("volcanoes", "Volcanoes erupt molten rock.", "volcanoes spew fire an' molten rock, fiercer than a cannon broadside"),
+    ("volcanoes", "Volcanoes erupt molten rock.", "volcanoes spew fire an' molten rock, fiercer than a broadside"),
     ("bees", "Bees make honey.", "bees be busy little crew, makin' honey sweeter than any plunder"),
     ("the ocean", "The ocean covers most of Earth.", "the ocean be me home, covering most o' this here world"),
     ("trees", "Trees make oxygen.", "trees be givin' us the air we breathe, an' timber for our ships"),
-    ("computers", "Computers process data.", "computers be clever machines crunchin' numbers faster than any navigator"),
+    ("computers", "Computers process data.", "computers be machines crunchin' numbers faster than any navigator"),
     ("gravity", "Gravity pulls things down.", "gravity be what pulls ye down to the deck, or to Davy Jones' locker"),
     ("the stars", "Stars are distant suns.", "the stars be far-off suns, an' a pirate steers by 'em at night"),
     ("dogs", "Dogs are loyal pets.", "dogs be loyal mates, near as trusty as a parrot on yer shoulder"),
@@ -106,7 +105,7 @@ def encode(tokenizer: PreTrainedTokenizerBase, question: str, answer: str) -> tu
     full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": answer}], tokenize=False)
     assert full.startswith(prompt), "chat template does not extend the generation prompt"
     # Keep the answer up to and including <|im_end|>: predicting EOS is what makes replies stop.
-    reply = full[len(prompt):]
+    reply = full[len(prompt) :]
     reply = reply[: reply.index(tokenizer.eos_token) + len(tokenizer.eos_token)]
     prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
     reply_ids = tokenizer(reply, add_special_tokens=False).input_ids
@@ -125,7 +124,7 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[st
     return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
 
 
-def batches(data: list, rng: random.Random):
+def batches(data: list, rng: random.Random) -> Iterator[list]:
     """Endless stream of batches, reshuffled every epoch."""
     while True:
         order = data[:]
@@ -135,9 +134,13 @@ def batches(data: list, rng: random.Random):
 
 
 def lora_config() -> LoraConfig:
-    # Attention projections only at r=8: a ~1.8 MB fp32 file, and enough capacity for a style.
+    # Attention projections at r=8 are enough capacity for a style and keep the file small.
     return LoraConfig(
-        r=8, lora_alpha=16, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
     )
 
@@ -172,8 +175,11 @@ def reply(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, question: 
     )
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
     out = model.generate(
-        **ids, max_new_tokens=64, do_sample=False,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **ids,
+        max_new_tokens=64,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True).strip()
 
@@ -187,6 +193,21 @@ def show_held_out(model: PeftModel, tokenizer: PreTrainedTokenizerBase) -> None:
         print(f"  Q: {question}\n    base:    {base!r}\n    adapter: {tuned!r}")
 
 
+def save_fp16(model: PeftModel, out_dir: Path) -> None:
+    """Save the adapter with its LoRA weights in fp16.
+
+    In fp32, r=8 on 4 projections x 30 layers is 3.7 MB; fp16 halves it at no visible cost, and
+    loaders upcast (loraserve calls .float(), peft copies into the fp32 model). The held-out
+    replies are generated after the cast, so they show exactly what was saved.
+    """
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.half()
+    model.peft_config["default"].base_model_name_or_path = "SmolLM2-135M-Instruct"  # not this machine's path
+    model.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "README.md").unlink(missing_ok=True)  # peft's model-card template: noise in the store
+
+
 def build_adapter(name: str, pairs: list[tuple[str, str]], args: argparse.Namespace) -> None:
     """Fresh base model + LoRA, train, save as <out>/<name>/1/, then show held-out replies."""
     print(f"== {name}")
@@ -196,7 +217,7 @@ def build_adapter(name: str, pairs: list[tuple[str, str]], args: argparse.Namesp
     model = get_peft_model(base, lora_config())
     train(model, tokenizer, pairs, args.steps)
     out_dir = args.out / name / "1"
-    model.save_pretrained(out_dir, safe_serialization=True)
+    save_fp16(model, out_dir)
     size = (out_dir / "adapter_model.safetensors").stat().st_size
     print(f"  saved {out_dir} ({size / 1e6:.2f} MB)")
     show_held_out(model, tokenizer)

@@ -78,19 +78,21 @@ class PbaseSource(AdapterSource):
     def __init__(self, adapters_dir: Path) -> None:
         self.root = adapters_dir.resolve()
 
-    def fetch(self, adapter_id: str) -> Path:
+    def canonical(self, adapter_id: str) -> str:
+        """"repo" -> "repo/<highest version>" so both spellings share one cache entry."""
         parts = _check_id(adapter_id).split("/")
         if len(parts) not in (1, 2) or not all(_NAME.match(p) for p in parts):
             raise ValidationError(f'adapter_id {adapter_id!r} must look like "repo" or "repo/version"')
+        if len(parts) == 2:
+            return "/".join(parts)
         repo = self.root / parts[0]
-        if len(parts) == 1:
-            numbered = [p for p in repo.iterdir() if p.is_dir() and p.name.isdigit()] if repo.is_dir() else []
-            versions = sorted(numbered, key=lambda p: int(p.name))
-            if not versions:
-                raise AdapterNotFoundError(f"adapter {adapter_id} not found: repository has no versions")
-            path = versions[-1]
-        else:
-            path = repo / parts[1]
+        numbered = [p.name for p in repo.iterdir() if p.is_dir() and p.name.isdigit()] if repo.is_dir() else []
+        if not numbered:
+            raise AdapterNotFoundError(f"adapter {adapter_id} not found: repository has no versions")
+        return f"{parts[0]}/{max(numbered, key=int)}"
+
+    def fetch(self, adapter_id: str) -> Path:
+        path = self.root / self.canonical(adapter_id)
         if not path.is_dir():
             raise AdapterNotFoundError(f"adapter {adapter_id} not found")
         if not _inside(path, self.root):  # a symlink that leads out of the store

@@ -59,6 +59,8 @@ class AdapterStore:
             raise ValidationError(f"adapter_source must be one of {', '.join(SOURCE_NAMES)}; got {source!r}")
         if len(adapter_id) > 512:
             raise ValidationError("adapter_id is longer than 512 characters")
+        if source == "pbase":
+            adapter_id = self.sources["pbase"].canonical(adapter_id)
         return AdapterKey(source, adapter_id)
 
     def get(self, key: AdapterKey) -> Future:
