@@ -100,10 +100,11 @@ async def run_scenario(url: str, concurrency: int, max_new_tokens: int, rounds: 
     return summarize(concurrency, results, wall)
 
 
-def summarize(concurrency: int, results: list[StreamResult], wall: float) -> Scenario:
+def summarize(concurrency: int, results: list[StreamResult], wall: float, skip_gaps: int = 0) -> Scenario:
+    """`skip_gaps`: leave each stream's first gaps out of the inter-token latency (start-up prefills)."""
     ok = [r for r in results if r.error is None]
     tokens = sum(r.tokens for r in ok)
-    itl = [g for r in ok for g in r.itl_s]
+    itl = [g for r in ok for g in r.itl_s[skip_gaps:]]
     return Scenario(
         concurrency=concurrency,
         requests=len(results),

@@ -72,3 +72,25 @@ def test_single_adapter_batch_needs_no_mask():
     lo, hi = offsets[1]
     got = lora_delta(x, a, b_t, LoraBatch(lo, hi, None))
     torch.testing.assert_close(got.double(), lora_reference(x, [adapters[1]] * 5), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "ops, expected_free, expected_end",
+    [
+        ([("a", 8), ("a", 4), ("a", 16)], [], 28),
+        ([("a", 8), ("a", 4), ("r", 0)], [(0, 8)], 12),  # a hole where the first range was
+        ([("a", 8), ("a", 4), ("r", 1)], [], 8),  # the top range freed: end drops
+        ([("a", 8), ("a", 4), ("a", 4), ("r", 0), ("r", 1), ("a", 6)], [(6, 12)], 16),  # merged hole reused
+    ],
+)
+def test_column_allocator_reuses_and_merges_holes(ops, expected_free, expected_end):
+    from server.adapters.lora import ColumnAllocator
+
+    allocator, ranges = ColumnAllocator(), []
+    for op, arg in ops:
+        if op == "a":
+            lo = allocator.allocate(arg)
+            ranges.append((lo, lo + arg))
+        else:
+            allocator.release(*ranges[arg])
+    assert allocator.free == expected_free and allocator.end == expected_end

@@ -69,17 +69,53 @@ def target_projections(model: CausalLM) -> dict[tuple[int, str], Projection]:
     return found
 
 
+class ColumnAllocator:
+    """First-fit allocation of column ranges in the packed buffers; freed ranges are reused."""
+
+    def __init__(self) -> None:
+        self.free: list[tuple[int, int]] = []  # sorted, non-adjacent holes below `end`
+        self.end = 0  # columns in use lie below this
+
+    def allocate(self, width: int) -> int:
+        for i, (lo, hi) in enumerate(self.free):
+            if hi - lo >= width:
+                self.free[i : i + 1] = [(lo + width, hi)] if hi - lo > width else []
+                return lo
+        self.end += width
+        return self.end - width
+
+    def release(self, lo: int, hi: int) -> None:
+        holes = sorted([*self.free, (lo, hi)])
+        merged: list[tuple[int, int]] = []
+        for hole in holes:
+            if merged and merged[-1][1] == hole[0]:
+                merged[-1] = (merged[-1][0], hole[1])
+            else:
+                merged.append(hole)
+        if merged and merged[-1][1] == self.end:  # a hole at the top just lowers the end
+            self.end = merged.pop()[0]
+        self.free = merged
+
+
 class ResidentAdapters:
-    """The device tier: at most `max_active` adapters packed into the model's projections."""
+    """The device tier: at most `max_active` adapters packed into the model's projections.
+
+    Each projection owns two buffers (A rows, B^T rows) with one column range per resident adapter.
+    Activating writes only the new adapter's columns (zeros where it has no weights, so a reused
+    range never leaks an evicted adapter); evicting frees the range. Buffers grow by doubling.
+    """
 
     def __init__(self, model: CausalLM, max_active: int) -> None:
         self.projections = target_projections(model)
+        for module in self.projections.values():
+            module.lora = None  # this tier owns the model's LoRA buffers from now on
         self.max_active = max_active
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.active: list[AdapterWeights] = []  # packing order
+        self.active: list[AdapterWeights] = []  # least recently used first
         self._columns: dict[AdapterWeights, tuple[int, int]] = {}
-        self._device_copies: dict[AdapterWeights, dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._allocator = ColumnAllocator()
+        self.capacity = 0
         self.loads = 0
         self.evictions = 0
 
@@ -87,7 +123,7 @@ class ResidentAdapters:
         return adapter in self._columns
 
     def activate(self, adapter: AdapterWeights, pinned: set[AdapterWeights]) -> bool:
-        """Make `adapter` resident, evicting the least recently activated unpinned one if full.
+        """Make `adapter` resident, evicting the least recently used unpinned one if full.
         Returns False when every slot is pinned by running requests."""
         if self.is_active(adapter):
             return True
@@ -96,17 +132,18 @@ class ResidentAdapters:
             if victim is None:
                 return False
             self.evict(victim)
-        self._device_copies[adapter] = adapter.to_device(self.device, self.dtype)
+        lo = self._allocator.allocate(adapter.rank)
+        self._grow_to(self._allocator.end)
+        self._write(adapter, lo)
+        self._columns[adapter] = (lo, lo + adapter.rank)
         self.active.append(adapter)
         self.loads += 1
-        self._repack()
         return True
 
     def evict(self, adapter: AdapterWeights) -> None:
         self.active.remove(adapter)
-        del self._device_copies[adapter]
+        self._allocator.release(*self._columns.pop(adapter))
         self.evictions += 1
-        self._repack()
 
     def touch(self, adapter: AdapterWeights) -> None:
         """Mark as most recently used (eviction takes from the front)."""
@@ -114,21 +151,28 @@ class ResidentAdapters:
             self.active.remove(adapter)
             self.active.append(adapter)
 
-    def _repack(self) -> None:
-        self._columns, offset = {}, 0
-        for adapter in self.active:
-            self._columns[adapter] = (offset, offset + adapter.rank)
-            offset += adapter.rank
+    def _grow_to(self, columns: int) -> None:
+        if columns <= self.capacity:
+            return
+        new_capacity = max(columns, 2 * self.capacity, 16)
+        for module in self.projections.values():
+            a = module.weight.new_zeros(new_capacity, module.in_features)  # [cols, in]
+            b_t = module.weight.new_zeros(new_capacity, module.out_features)  # [cols, out]
+            if module.lora is not None:
+                a[: self.capacity] = module.lora.a
+                b_t[: self.capacity] = module.lora.b_t
+            module.lora = PackedLora(a, b_t)
+        self.capacity = new_capacity
+
+    def _write(self, adapter: AdapterWeights, lo: int) -> None:
+        hi = lo + adapter.rank
+        for key, (a, b) in adapter.to_device(self.device, self.dtype).items():
+            self.projections[key].lora.a[lo:hi] = a
+            self.projections[key].lora.b_t[lo:hi] = b.t()
         for key, module in self.projections.items():
-            if not self.active:
-                module.lora = None
-                continue
-            a_parts, b_parts = [], []
-            for adapter in self.active:
-                a, b = self._device_copies[adapter].get(key) or (None, None)
-                a_parts.append(a if a is not None else module.weight.new_zeros(adapter.rank, module.in_features))
-                b_parts.append(b.t() if b is not None else module.weight.new_zeros(adapter.rank, module.out_features))
-            module.lora = PackedLora(torch.cat(a_parts).contiguous(), torch.cat(b_parts).contiguous())
+            if key not in adapter.modules:  # untargeted here: clear whatever the range held before
+                module.lora.a[lo:hi] = 0
+                module.lora.b_t[lo:hi] = 0
 
     def batch_for(
         self, row_adapters: Sequence[Optional[AdapterWeights]], query_lens: Sequence[int]
