@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--threads", type=int, help="torch CPU threads (0 = all cores)")
     for name in ("max_input_length", "max_total_tokens", "max_batch_total_tokens", "max_batch_prefill_tokens",
-                 "max_batch_size", "max_concurrent_requests", "max_stop_sequences", "max_active_adapters"):
+                 "max_batch_size", "max_concurrent_requests", "max_stop_sequences", "max_best_of",
+                 "max_active_adapters", "max_adapter_memory_mb", "max_cpu_adapters"):
         serve.add_argument("--" + name.replace("_", "-"), dest=name, type=int)
     serve.add_argument("--log-level", default=os.environ.get("LORASERVE_LOG_LEVEL", "info"))
     return parser

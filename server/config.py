@@ -48,6 +48,7 @@ class Limits:
     max_stop_sequences: int = 4
     max_best_of: int = 4
     max_active_adapters: int = 8
+    max_adapter_memory_mb: int = 1024  # device memory for resident adapters' weights
 
     def __post_init__(self) -> None:
         for f in fields(self):

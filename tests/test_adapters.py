@@ -6,7 +6,7 @@ import pytest
 
 from server.adapters.weights import AdapterLoadError, AdapterNotFoundError
 from server.config import AdapterConfig
-from server.errors import ValidationError
+from server.errors import GenerationError, ValidationError
 from tests.adapter_factory import SPECS
 from tests.conftest import ADAPTER_PROMPTS as PROMPTS
 from tests.conftest import NEW_TOKENS, collect, greedy, run
@@ -118,3 +118,18 @@ def test_concurrent_requests_for_a_cold_adapter_trigger_one_load(make_engine, ad
 
     run(scenario())
     assert engine.store.stats["loads"] == 1 and engine.store.stats["cpu_hits"] == 0
+
+
+def test_device_memory_budget_evicts_and_refuses_what_can_never_fit(make_engine, adapter_root, references):
+    # one column costs 1.22 MB in fp32 across all projections: rank 32 is 39 MB, ranks 8 + 16 are 29 MB
+    engine = adapter_engine(make_engine, adapter_root, max_adapter_memory_mb=40)
+    results = run(mixed_run(engine, workload()))
+    for (name, prompt), (tokens, _, _) in zip(workload(), results):
+        assert tokens == references[(name, prompt)], (name, prompt)
+    resident = engine.engine.scheduler.adapters
+    assert resident.bytes_used <= 40 * 2**20 and resident.evictions >= 1
+
+    small = adapter_engine(make_engine, adapter_root, max_adapter_memory_mb=30)
+    with pytest.raises(GenerationError, match="more than max_adapter_memory_mb"):
+        run(collect(small, greedy(PROMPTS[0], 4, adapter_id=f"{SPECS[1].name}/1")))
+    assert run(collect(small, greedy(PROMPTS[0], 4, adapter_id=f"{SPECS[0].name}/1")))[0]

@@ -105,11 +105,11 @@ class ResidentAdapters:
     range never leaks an evicted adapter); evicting frees the range. Buffers grow by doubling.
     """
 
-    def __init__(self, model: CausalLM, max_active: int) -> None:
+    def __init__(self, model: CausalLM, max_active: int, max_bytes: int) -> None:
         self.projections = target_projections(model)
         for module in self.projections.values():
             module.lora = None  # this tier owns the model's LoRA buffers from now on
-        self.max_active = max_active
+        self.max_active, self.max_bytes = max_active, max_bytes
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.active: list[AdapterWeights] = []  # least recently used first
@@ -127,7 +127,7 @@ class ResidentAdapters:
         Returns False when every slot is pinned by running requests."""
         if self.is_active(adapter):
             return True
-        if len(self.active) >= self.max_active:
+        while len(self.active) >= self.max_active or self.bytes_used + self.bytes_of(adapter) > self.max_bytes:
             victim = next((a for a in self.active if a not in pinned), None)
             if victim is None:
                 return False
@@ -139,6 +139,18 @@ class ResidentAdapters:
         self.active.append(adapter)
         self.loads += 1
         return True
+
+    def bytes_of(self, adapter: AdapterWeights) -> int:
+        """Device bytes of the adapter's packed columns in every projection."""
+        per_column = sum(m.in_features + m.out_features for m in self.projections.values())
+        return adapter.rank * per_column * torch.finfo(self.dtype).bits // 8
+
+    @property
+    def bytes_used(self) -> int:
+        return sum(self.bytes_of(a) for a in self.active)
+
+    def can_ever_hold(self, adapter: AdapterWeights) -> bool:
+        return self.bytes_of(adapter) <= self.max_bytes
 
     def evict(self, adapter: AdapterWeights) -> None:
         self.active.remove(adapter)

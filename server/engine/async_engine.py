@@ -28,7 +28,7 @@ from server.engine.request import (
     SamplingParams,
     StopCriteria,
 )
-from server.errors import OverloadedError, UnavailableError, ValidationError
+from server.errors import GenerationError, OverloadedError, UnavailableError, ValidationError
 from server.model.loader import LoadedModel
 
 
@@ -96,6 +96,11 @@ class AsyncEngine:
                 f"server is at max_concurrent_requests ({self.limits.max_concurrent_requests}); retry later"
             )
         adapter = await self.adapter(inp.adapter_id, inp.adapter_source, inp.merged_adapters)
+        if adapter is not None and not self.engine.scheduler.adapters.can_ever_hold(adapter):
+            raise GenerationError(
+                f"adapter {adapter.key} needs {self.engine.scheduler.adapters.bytes_of(adapter) >> 20} MiB on the "
+                f"device, more than max_adapter_memory_mb ({self.limits.max_adapter_memory_mb})"
+            )
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[RequestEvent] = asyncio.Queue()
         request = Request(
