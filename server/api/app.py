@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from server import __version__
-from server.api import admin, control, native
+from server.api import admin, control, native, openai
 from server.api.errors import error_body, error_response, install_error_handlers
 from server.api.schemas import Info
 from server.config import Settings
@@ -103,6 +103,7 @@ def create_app(settings: Settings, factory: EngineFactory) -> FastAPI:
     app.include_router(native.router)
     app.include_router(admin.router)
     app.include_router(control.router)
+    app.include_router(openai.router)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

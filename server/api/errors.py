@@ -13,7 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.errors import ServingError
+from server.adapters.weights import AdapterNotFoundError
+from server.errors import ServingError, ValidationError
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +22,22 @@ _HTTP_ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 
                      413: "payload_too_large", 415: "unsupported_media_type"}
 
 
+def is_openai(path: str) -> bool:
+    return "/v1/" in path or path.endswith("/v1")
+
+
+def openai_error(exc: ServingError) -> tuple[int, str, str | int]:
+    """OpenAI's status, type and code for our errors: bad parameters are 400 invalid_request_error,
+    an unknown adapter (the `model`) is 404 model_not_found."""
+    if isinstance(exc, AdapterNotFoundError):
+        return 404, "invalid_request_error", "model_not_found"
+    if isinstance(exc, ValidationError):
+        return 400, "invalid_request_error", exc.status_code
+    return exc.status_code, exc.error_type, exc.status_code
+
+
 def error_body(path: str, status: int, error_type: str, message: str) -> dict:
-    if "/v1/" in path or path.endswith("/v1"):
+    if is_openai(path):
         return {"error": {"message": message, "type": error_type, "param": None, "code": status}}
     return {"error": message, "error_type": error_type}
 
@@ -42,6 +57,10 @@ def describe_validation_error(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServingError)
     async def _serving(request: Request, exc: ServingError) -> JSONResponse:
+        if is_openai(request.url.path):
+            status, error_type, code = openai_error(exc)
+            body = {"error": {"message": exc.message, "type": error_type, "param": None, "code": code}}
+            return JSONResponse(body, status_code=status)
         return error_response(request, exc.status_code, exc.error_type, exc.message)
 
     @app.exception_handler(RequestValidationError)
@@ -50,6 +69,8 @@ def install_error_handlers(app: FastAPI) -> None:
         if request.method == "POST" and "json" not in content_type:
             message = f"Content-Type must be application/json; got {content_type or 'none'}"
             return error_response(request, 415, "unsupported_media_type", message)
+        if is_openai(request.url.path):  # OpenAI answers malformed requests with 400
+            return error_response(request, 400, "invalid_request_error", describe_validation_error(exc))
         return error_response(request, 422, "validation", describe_validation_error(exc))
 
     @app.exception_handler(StarletteHTTPException)

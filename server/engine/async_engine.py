@@ -46,6 +46,7 @@ class GenerationInput:
     adapter_source: Optional[str] = None  # pbase (default) | local | hub | s3
     merged_adapters: Optional[dict] = None  # LoRAX's {ids, weights, merge_strategy, density, ...}
     options: OutputOptions = OutputOptions()
+    add_special_tokens: bool = True  # False for chat-template text, which carries its own BOS
     processors: tuple[LogitsProcessor, ...] = ()
 
 
@@ -78,8 +79,8 @@ class AsyncEngine:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    def tokenize(self, text: str) -> list[int]:
-        return self.loaded.tokenizer(text, add_special_tokens=True)["input_ids"]
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.loaded.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def token_text(self, token_id: int) -> str:
         return self.loaded.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -137,7 +138,7 @@ class AsyncEngine:
     def _prompt_ids(self, inp: GenerationInput) -> list[int]:
         if not inp.prompt:
             raise ValidationError("`inputs` must not be empty")
-        ids = self.tokenize(inp.prompt)
+        ids = self.tokenize(inp.prompt, inp.add_special_tokens)
         if inp.truncate is not None:
             ids = ids[-inp.truncate :]
         if len(ids) > self.limits.max_input_length:
