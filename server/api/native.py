@@ -68,7 +68,6 @@ def to_generation_input(inputs: str, p: GenerateParameters, limits: Limits, stre
     _check(not (p.decoder_input_details and stream), "`decoder_input_details` == true is not supported when streaming")
     _check(p.return_k_alternatives is None or 0 < p.return_k_alternatives <= MAX_ALTERNATIVES,
            f"`return_k_alternatives` must be between 1 and {MAX_ALTERNATIVES}")
-    _check(p.response_format is None, "`response_format` is not supported yet")
     warpers = (p.temperature not in (None, 1.0)) or bool(p.top_k) or (p.top_p or 1.0) < 1 or (p.typical_p or 1.0) < 1
     _check_best_of(p, limits, stream, sampling=p.do_sample or warpers)
     return GenerationInput(
@@ -92,6 +91,7 @@ def to_generation_input(inputs: str, p: GenerateParameters, limits: Limits, stre
         adapter_source=p.adapter_source,
         merged_adapters=p.merged_adapters,
         options=OutputOptions(top_alternatives=p.return_k_alternatives or 0, prefill_logprobs=p.decoder_input_details),
+        response_format=p.response_format,
     )
 
 

@@ -91,7 +91,6 @@ def logit_bias_processor(bias: dict[str, float], vocab_size: int):
 
 def chat_prompt(body: ChatCompletionRequest, engine: AsyncEngine, adapter: Optional[AdapterWeights]) -> str:
     _check(not body.tools and body.tool_choice in (None, "none"), "tools and tool_choice are not supported yet")
-    _check(body.response_format in (None, {"type": "text"}), "response_format is not supported yet")
     for m in body.messages:
         _check(not isinstance(m.content, list) or all(p.get("type") == "text" for p in m.content),
                "only text content parts are supported")
@@ -206,8 +205,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     adapter = await engine.adapter(adapter_id_of(body, engine), body.adapter_source)
     top = (body.top_logprobs or 0) if body.logprobs else 0
     _check(body.logprobs or not body.top_logprobs, "top_logprobs requires logprobs: true")
-    inp = generation_input(body, chat_prompt(body, engine, adapter), engine,
-                           body.max_completion_tokens or body.max_tokens, top, add_special_tokens=False)
+    inp = replace(generation_input(body, chat_prompt(body, engine, adapter), engine,
+                                   body.max_completion_tokens or body.max_tokens, top, add_special_tokens=False),
+                  response_format=body.response_format)
     handles = await submit_choices(engine, inp, body.n)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
             "system_fingerprint": f"loraserve-{__version__}"}

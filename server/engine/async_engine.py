@@ -30,6 +30,7 @@ from server.engine.request import (
 )
 from server.errors import GenerationError, OverloadedError, UnavailableError, ValidationError
 from server.model.loader import LoadedModel
+from server.structured.guide import GuideFactory, JsonSchemaGuide, schema_of
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class GenerationInput:
     merged_adapters: Optional[dict] = None  # LoRAX's {ids, weights, merge_strategy, density, ...}
     options: OutputOptions = OutputOptions()
     add_special_tokens: bool = True  # False for chat-template text, which carries its own BOS
+    response_format: Optional[dict] = None  # json_object / json_schema: constrained decoding
     processors: tuple[LogitsProcessor, ...] = ()
 
 
@@ -71,8 +73,9 @@ class RequestHandle:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, loaded: LoadedModel, limits: Limits, store: AdapterStore) -> None:
-        self.engine, self.loaded, self.limits, self.store = engine, loaded, limits, store
+    def __init__(self, engine: Engine, loaded: LoadedModel, limits: Limits, store: AdapterStore,
+                 guides: GuideFactory) -> None:
+        self.engine, self.loaded, self.limits, self.store, self.guides = engine, loaded, limits, store, guides
         self._in_flight: set[Request] = set()
 
     @property
@@ -102,6 +105,7 @@ class AsyncEngine:
                 f"adapter {adapter.key} needs {self.engine.scheduler.adapters.bytes_of(adapter) >> 20} MiB on the "
                 f"device, more than max_adapter_memory_mb ({self.limits.max_adapter_memory_mb})"
             )
+        guide = await self.guide(inp.response_format)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[RequestEvent] = asyncio.Queue()
         request = Request(
@@ -113,11 +117,19 @@ class AsyncEngine:
             adapter=adapter,
             processors=list(inp.processors),
             options=inp.options,
+            guide=guide,
             generator=_generator(inp.params, self.loaded.device),
         )
         self._in_flight.add(request)
         self.engine.submit(request)
         return RequestHandle(request, events, self)
+
+    async def guide(self, response_format: Optional[dict]) -> Optional[JsonSchemaGuide]:
+        """A fresh grammar state for a constrained request, compiled off the engine loop."""
+        constrained, schema = schema_of(response_format)
+        if not constrained:
+            return None
+        return await asyncio.wrap_future(self.guides.guide_for(schema))
 
     async def adapter(self, adapter_id: Optional[str], source: Optional[str],
                       merged: Optional[dict] = None) -> Optional[AdapterWeights]:

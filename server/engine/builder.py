@@ -18,6 +18,7 @@ from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerBudget
 from server.model.default_model import loraserve_home
 from server.model.loader import LoadedModel, load_model
+from server.structured.guide import GuideFactory
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,8 @@ def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> Async
     warm_up(engine, loaded)
     store = AdapterStore(store_config(settings.adapters), loaded.model.config)
     preload(store, settings.adapters.preload_adapters)
-    return AsyncEngine(engine, loaded, limits, store)
+    guides = GuideFactory(loaded.tokenizer, loaded.eos_token_ids)
+    return AsyncEngine(engine, loaded, limits, store, guides)
 
 
 def store_config(config: AdapterConfig) -> AdapterStoreConfig:

@@ -129,6 +129,8 @@ class Engine:
                 request.finish(FinishReason.ERROR, f"sampling failed: {exc}")
 
     def _accept(self, request: Request, token: SampledToken) -> None:
+        if request.guide is not None and token.token_id not in self.eos_token_ids:
+            request.guide.advance(token.token_id)
         request.output_ids.append(token.token_id)
         request.output_logprobs.append(token.logprob)
         if request.first_token_time is None:
@@ -146,6 +148,8 @@ class Engine:
     def _finish_reason(self, request: Request, token_id: int, delta: str) -> Optional[FinishReason]:
         if token_id in self.eos_token_ids and not request.stop.ignore_eos:
             return FinishReason.EOS
+        if request.guide is not None and request.guide.finished:
+            return FinishReason.EOS  # the JSON is complete and nothing may follow it
         if delta and _matches_stop(request.output_text, delta, request.stop.stop_sequences):
             return FinishReason.STOP
         if request.num_generated >= request.stop.max_new_tokens:

@@ -10,7 +10,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -97,6 +97,17 @@ class RequestEvent:
 LogitsProcessor = Callable[[torch.Tensor, "Request"], torch.Tensor]  # ([vocab], request) -> [vocab]
 
 
+class TokenGuide(Protocol):
+    """Grammar state of a constrained request (server.structured.guide.JsonSchemaGuide)."""
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor: ...  # [vocab] -> [vocab], forbidden at -inf
+
+    def advance(self, token_id: int) -> None: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+
 @dataclass(eq=False)
 class Request:
     prompt_ids: list[int]
@@ -107,6 +118,7 @@ class Request:
     adapter: Optional[AdapterWeights] = None  # None: the base model
     processors: list[LogitsProcessor] = field(default_factory=list)
     options: OutputOptions = field(default_factory=OutputOptions)
+    guide: Optional[TokenGuide] = None
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float] = field(default_factory=list)
