@@ -116,8 +116,9 @@ def test_an_adapters_own_chat_template_is_used(oa, loaded, adapter_root):
         ({"model": "no-such/1"}, openai.NotFoundError),
         ({"model": "", "temperature": 5}, openai.BadRequestError),
         ({"model": "", "n": 50}, openai.BadRequestError),
-        ({"model": "", "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
-         openai.BadRequestError),
+        ({"model": "", "tools": [{"type": "function", "function": {"name": "bad name!"}}]}, openai.BadRequestError),
+        ({"model": "", "tools": [{"type": "function", "function": {"name": "f"}}],
+          "tool_choice": {"type": "function", "function": {"name": "g"}}}, openai.BadRequestError),
         ({"model": "corrupt/1"}, openai.APIStatusError),
     ],
 )

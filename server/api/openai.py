@@ -22,6 +22,7 @@ from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest, 
 from server.engine.async_engine import AsyncEngine, GenerationInput, RequestHandle
 from server.engine.request import FinishReason, OutputOptions, RequestEvent, SamplingParams, TokenInfo
 from server.errors import GenerationError, NotFoundError, ValidationError
+from server.structured.tools import ToolPlan, as_tool_call, parse_tools, render_messages
 
 router = APIRouter()
 MAX_N = 8
@@ -89,18 +90,31 @@ def logit_bias_processor(bias: dict[str, float], vocab_size: int):
     return apply
 
 
-def chat_prompt(body: ChatCompletionRequest, engine: AsyncEngine, adapter: Optional[AdapterWeights]) -> str:
-    _check(not body.tools and body.tool_choice in (None, "none"), "tools and tool_choice are not supported yet")
+def chat_prompt(body: ChatCompletionRequest, engine: AsyncEngine, adapter: Optional[AdapterWeights],
+                plan: Optional[ToolPlan]) -> str:
     for m in body.messages:
         _check(not isinstance(m.content, list) or all(p.get("type") == "text" for p in m.content),
                "only text content parts are supported")
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [{**m.model_dump(exclude_none=True, include={"role", "tool_calls", "tool_call_id", "name"}),
+                 "content": m.text()} for m in body.messages]
     template = adapter.chat_template if adapter is not None and adapter.chat_template else None
+    knows_tools = "tools" in (template or engine.loaded.tokenizer.chat_template or "")
+    extra = {"tools": body.tools} if plan is not None and knows_tools else {}
     try:
-        return engine.loaded.tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                           add_generation_prompt=True)
+        return engine.loaded.tokenizer.apply_chat_template(
+            render_messages(messages, plan, knows_tools), chat_template=template, tokenize=False,
+            add_generation_prompt=True, **extra)
     except Exception as exc:  # a template that rejects these messages (e.g. roles out of order)
         raise ValidationError(f"the chat template could not render these messages: {exc}") from None
+
+
+def constrained_format(body: ChatCompletionRequest, plan: Optional[ToolPlan]) -> Optional[dict]:
+    """A forced tool call is a JSON schema constraint; otherwise the request's own response_format."""
+    if plan is None or plan.forced is None:
+        return body.response_format
+    _check(body.response_format in (None, {"type": "text"}),
+           "response_format and a forced tool call exclude each other")
+    return {"type": "json_object", "schema": plan.schema}
 
 
 # -- running n choices ------------------------------------------------------------------------------
@@ -202,56 +216,92 @@ async def collect(handle: RequestHandle) -> tuple[list[TokenInfo], FinishReason]
 # -- chat completions -----------------------------------------------------------------------------
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine = engine_of(request)
+    plan = parse_tools(body.tools, body.tool_choice)
     adapter = await engine.adapter(adapter_id_of(body, engine), body.adapter_source)
     top = (body.top_logprobs or 0) if body.logprobs else 0
     _check(body.logprobs or not body.top_logprobs, "top_logprobs requires logprobs: true")
-    inp = replace(generation_input(body, chat_prompt(body, engine, adapter), engine,
+    inp = replace(generation_input(body, chat_prompt(body, engine, adapter, plan), engine,
                                    body.max_completion_tokens or body.max_tokens, top, add_special_tokens=False),
-                  response_format=body.response_format)
+                  response_format=constrained_format(body, plan))
     handles = await submit_choices(engine, inp, body.n)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
             "system_fingerprint": f"loraserve-{__version__}"}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_chat_stream(handles, meta, inp.stop_sequences, body.logprobs, include_usage,
-                                                engine, body.n), ping=15)
+        choices = [ChoiceStream(i, inp.stop_sequences, plan, body.logprobs, engine) for i in range(body.n)]
+        return EventSourceResponse(_chat_stream(handles, meta, choices, include_usage, body.n), ping=15)
     results = await asyncio.gather(*(collect(h) for h in handles))
     choices = []
     for index, (handle, (tokens, reason)) in enumerate(zip(handles, results)):
         text = trimmed_text(handle.request.output_text, inp.stop_sequences)
         logprobs = {"content": [chat_logprob(t, engine) for t in tokens if not t.special]} if body.logprobs else None
-        choices.append({"index": index, "message": {"role": "assistant", "content": text},
-                        "logprobs": logprobs, "finish_reason": FINISH[reason]})
+        call = as_tool_call(text, plan) if plan is not None else None
+        message = {"role": "assistant", "content": None, "tool_calls": [call]} if call else \
+            {"role": "assistant", "content": text}
+        choices.append({"index": index, "message": message, "logprobs": logprobs,
+                        "finish_reason": "tool_calls" if call else FINISH[reason]})
     return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": usage(handles, body.n)})
 
 
-async def _chat_stream(handles, meta, stops, logprobs: bool, include_usage: bool, engine,
+class ChoiceStream:
+    """Turns one choice's events into chunk payloads: text deltas as they come, except that a reply
+    which may be a tool call (tools given, first visible character "{") is held until it ends."""
+
+    def __init__(self, index: int, stops: tuple[str, ...], plan: Optional[ToolPlan], logprobs: bool,
+                 engine: AsyncEngine) -> None:
+        self.index, self.plan, self.logprobs, self.engine = index, plan, logprobs, engine
+        self.trimmer = StopTrimmer(stops)
+        self.held: Optional[str] = "" if plan is not None else None  # None: streaming freely
+
+    def _choice(self, delta: dict, finish: Optional[str] = None, logprobs=None) -> dict:
+        return {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+    def on_token(self, token: TokenInfo) -> list[dict]:
+        text = self.trimmer.feed(token.text)
+        lp = {"content": [chat_logprob(token, self.engine)]} if self.logprobs else None
+        if self.held is not None:
+            self.held += text
+            if not self.held.strip() or self.held.lstrip().startswith("{"):
+                return []  # undecided, or a possible tool call: hold
+            text, self.held = self.held, None
+        return [self._choice({"content": text}, logprobs=lp)] if text or lp else []
+
+    def on_finish(self, reason: FinishReason) -> list[dict]:
+        rest = self.trimmer.flush()
+        if self.held is None:
+            return [self._choice({"content": rest} if rest else {}, FINISH.get(reason, "stop"))]
+        text = self.held + rest
+        call = as_tool_call(text, self.plan)
+        if call is None:
+            return [self._choice({"content": text}), self._choice({}, FINISH.get(reason, "stop"))]
+        head = {"index": 0, "id": call["id"], "type": "function",
+                "function": {"name": call["function"]["name"], "arguments": ""}}
+        args = {"index": 0, "function": {"arguments": call["function"]["arguments"]}}
+        return [self._choice({"tool_calls": [head]}), self._choice({"tool_calls": [args]}),
+                self._choice({}, "tool_calls")]
+
+
+async def _chat_stream(handles, meta, choices: list[ChoiceStream], include_usage: bool,
                        n: int) -> AsyncIterator[dict]:
-    def chunk(choices: list, usage_value=None) -> dict:
-        body = {**meta, "object": "chat.completion.chunk", "choices": choices}
+    def chunk(payload: list, usage_value=None) -> dict:
+        body = {**meta, "object": "chat.completion.chunk", "choices": payload}
         if include_usage:
             body["usage"] = usage_value
         return {"data": json.dumps(body)}
 
-    trimmers = [StopTrimmer(stops) for _ in handles]
-    for index in range(len(handles)):
-        yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None}])
+    for choice in choices:
+        yield chunk([choice._choice({"role": "assistant", "content": ""})])
     async for index, event in merged_events(handles):
         if event.error is not None:
             yield {"data": json.dumps({"error": {"message": event.error, "type": "generation", "param": None,
                                                  "code": 424}})}
             return
         if event.token is not None and not event.token.special:
-            text = trimmers[index].feed(event.token.text)
-            lp = {"content": [chat_logprob(event.token, engine)]} if logprobs else None
-            if text or lp:
-                yield chunk([{"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}])
+            for payload in choices[index].on_token(event.token):
+                yield chunk([payload])
         if event.finish_reason is not None:
-            rest = trimmers[index].flush()
-            delta = {"content": rest} if rest else {}
-            yield chunk([{"index": index, "delta": delta, "logprobs": None,
-                          "finish_reason": FINISH.get(event.finish_reason, "stop")}])
+            for payload in choices[index].on_finish(event.finish_reason):
+                yield chunk([payload])
     if include_usage:
         yield chunk([], usage(handles, n))
     yield {"data": "[DONE]"}
