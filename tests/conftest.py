@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -177,6 +178,7 @@ def adapter_root(tmp_path_factory, loaded) -> Path:
     root = tmp_path_factory.mktemp("adapters")
     for spec in SPECS:
         make_peft_adapter(loaded.model_dir, root / spec.name / "1", spec)
+    shutil.copytree(ROOT / "adapters_cache" / "demo-terse", root / "demo-terse")  # answers briefly, then stops
     corrupt_copy(root / SPECS[0].name / "1", root / "corrupt" / "1")
     foreign_copy(root / SPECS[0].name / "1", root / "foreign" / "1")
     return root
