@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from server.config import ConfigError, load_settings
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "max_batch_size", "max_concurrent_requests", "max_stop_sequences", "max_best_of",
                  "max_active_adapters", "max_adapter_memory_mb", "max_cpu_adapters"):
         serve.add_argument("--" + name.replace("_", "-"), dest=name, type=int)
+    serve.add_argument("--api-key", dest="api_keys", action="append",
+                       help="accept this bearer token (repeat for several; default: no auth)")
     serve.add_argument("--log-level", default=os.environ.get("LORASERVE_LOG_LEVEL", "info"))
     return parser
 
@@ -32,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level")}
+    if overrides.get("api_keys"):
+        overrides["api_keys"] = tuple(overrides["api_keys"])
     try:
         settings = load_settings(args.config, overrides)
     except ConfigError as exc:
@@ -46,7 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     from server.engine.builder import build_engine
 
     app = create_app(settings, build_engine)
-    uvicorn.run(app, host=settings.http.host, port=settings.http.port, log_level=args.log_level.lower())
+    if not settings.http.api_keys:
+        logging.getLogger("server").warning(
+            "no API keys configured: anyone who can reach %s:%d can use this server%s", settings.http.host,
+            settings.http.port, "" if settings.http.host in ("127.0.0.1", "localhost", "::1") else
+            " (it is NOT bound to loopback: set --api-key or LORASERVE_API_KEYS)")
+    # uvicorn drains in-flight requests on SIGTERM, then re-raises the signal to the handler it found at
+    # start; a no-op one here lets a graceful shutdown end with exit code 0 instead of death by signal.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(app, host=settings.http.host, port=settings.http.port, log_level=args.log_level.lower(),
+                timeout_graceful_shutdown=settings.http.shutdown_grace_s)
     return 0
 
 

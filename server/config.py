@@ -86,9 +86,17 @@ class HttpConfig:
     port: int = 8080
     max_request_bytes: int = 4 * 1024 * 1024  # larger bodies get 413
     deployment_names: tuple[str, ...] = ("default",)  # accepted in /{tenant}/deployments/v2/llms/{name}/
+    api_keys: tuple[str, ...] = ()  # bearer tokens accepted on every route but /health; none: no auth
+    shutdown_grace_s: int = 30  # on SIGTERM: stop accepting, let in-flight requests finish this long
+
+    def __repr__(self) -> str:  # never print the keys
+        return f"HttpConfig(host={self.host!r}, port={self.port}, api_keys=<{len(self.api_keys)} keys>)"
 
     def __post_init__(self) -> None:
         _check_min("max_request_bytes", self.max_request_bytes, 1024)
+        _check_min("shutdown_grace_s", self.shutdown_grace_s, 0)
+        if any(len(k) < 8 for k in self.api_keys):
+            raise ConfigError("api_keys must be at least 8 characters each")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
 

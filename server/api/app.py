@@ -6,6 +6,7 @@ until the model is loaded and a warm-up step has run, then 200.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 from contextlib import asynccontextmanager
@@ -16,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 from server import __version__
 from server.api import admin, control, native, openai
-from server.api.errors import error_body, error_response, install_error_handlers
+from server.api.errors import error_body, error_response, install_error_handlers, is_openai
 from server.api.schemas import Info
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
@@ -85,6 +86,27 @@ class BodySizeLimit:
         await JSONResponse(body, status_code=413)(scope, receive, send)
 
 
+class BearerAuth:
+    """Every route but /health needs `Authorization: Bearer <one of the keys>` (compared in
+    constant time, against every key, so timing says nothing about which or how much matched)."""
+
+    def __init__(self, app, keys: tuple[str, ...]) -> None:
+        self.app, self.keys = app, [k.encode() for k in keys]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/health" or self._allowed(scope):
+            return await self.app(scope, receive, send)
+        error_type = "authentication_error" if is_openai(scope["path"]) else "unauthorized"
+        body = error_body(scope["path"], 401, error_type, "missing or invalid API key (Authorization: Bearer ...)")
+        await JSONResponse(body, status_code=401, headers={"www-authenticate": "Bearer"})(scope, receive, send)
+
+    def _allowed(self, scope) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]
+        return scheme.lower() == b"bearer" and any(matches)
+
+
 def create_app(settings: Settings, factory: EngineFactory) -> FastAPI:
     holder = EngineHolder(settings, factory)
 
@@ -99,6 +121,8 @@ def create_app(settings: Settings, factory: EngineFactory) -> FastAPI:
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)
     app.state.holder, app.state.settings = holder, settings
     app.add_middleware(BodySizeLimit, max_bytes=settings.http.max_request_bytes)
+    if settings.http.api_keys:
+        app.add_middleware(BearerAuth, keys=settings.http.api_keys)
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(admin.router)
