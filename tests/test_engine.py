@@ -7,7 +7,7 @@ import pytest
 
 from server.engine.async_engine import GenerationInput
 from server.engine.request import FinishReason, SamplingParams
-from server.errors import OverloadedError, ValidationError
+from server.errors import OverloadedError, UnavailableError, ValidationError
 from tests.conftest import collect, greedy, run
 
 PROMPTS = [
@@ -161,3 +161,29 @@ def test_cancelled_request_leaves_the_batch(make_engine):
     assert handle.request.finish_reason is FinishReason.CANCELLED
     assert handle.request.num_generated < 200
     assert engine.engine.scheduler.kv.used_slots == 0 and engine.in_flight == 0
+
+
+def test_a_dead_engine_loop_fails_everyone_and_reports_not_alive(make_engine):
+    engine = make_engine()
+
+    def broken_bookkeeping():
+        raise RuntimeError("injected scheduler bug")
+
+    async def scenario():
+        engine.engine.scheduler.schedule = broken_bookkeeping
+        handle = await engine.submit(greedy(PROMPTS[0], 5))
+        return [e async for e in handle]
+
+    events = run(scenario())
+    assert events[-1].finish_reason is FinishReason.ERROR and "injected scheduler bug" in events[-1].error
+    for _ in range(50):
+        if not engine.engine.alive:
+            break
+        time.sleep(0.05)
+    assert not engine.engine.alive
+
+    async def refused():
+        with pytest.raises(UnavailableError):
+            await engine.submit(greedy(PROMPTS[0], 5))
+
+    run(refused())

@@ -6,8 +6,10 @@ until the model is loaded and a warm-up step has run, then 200.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import os
 import threading
 from contextlib import asynccontextmanager
 from typing import Callable, Optional
@@ -107,6 +109,16 @@ class BearerAuth:
         return scheme.lower() == b"bearer" and any(matches)
 
 
+async def exit_when_engine_dies(holder: EngineHolder, period_s: float = 1.0) -> None:
+    """If the engine loop itself dies, every request already got an error and /health says 503;
+    then the process exits non-zero so a supervisor (Docker, Kubernetes, systemd) restarts it."""
+    while holder.engine is None or holder.engine.engine.alive:
+        await asyncio.sleep(period_s)
+    log.critical("engine loop died (%s): exiting for a restart", holder.engine.engine.fatal_error)
+    await asyncio.sleep(period_s)  # let /health report 503 and error responses flush
+    os._exit(3)
+
+
 def create_app(settings: Settings, factory: EngineFactory) -> FastAPI:
     holder = EngineHolder(settings, factory)
 
@@ -114,7 +126,9 @@ def create_app(settings: Settings, factory: EngineFactory) -> FastAPI:
     async def lifespan(app: FastAPI):
         app.state.engine = None
         threading.Thread(target=holder.load, args=(app,), name="model-loader", daemon=True).start()
+        watchdog = asyncio.create_task(exit_when_engine_dies(holder))
         yield
+        watchdog.cancel()
         if holder.engine is not None:
             holder.engine.engine.stop()
 
