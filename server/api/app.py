@@ -15,7 +15,8 @@ from contextlib import asynccontextmanager
 from typing import Callable, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
 from server.api import admin, control, native, openai
@@ -23,6 +24,7 @@ from server.api.errors import error_body, error_response, install_error_handlers
 from server.api.schemas import Info
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
+from server.metrics import ENGINE_COLLECTOR, HTTP_REQUESTS, REGISTRY
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,47 @@ class BearerAuth:
         return scheme.lower() == b"bearer" and any(matches)
 
 
+class CountRequests:
+    """Counts responses by route template and status for /metrics."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def remember(message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, remember)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            HTTP_REQUESTS.labels(route, str(status["code"])).inc()
+
+
+def engine_snapshot(holder: EngineHolder) -> dict:
+    engine = holder.engine
+    if engine is None:
+        return {"queue_depth": 0, "running_requests": 0, "in_flight_requests": 0, "device_adapters": 0,
+                "cpu_adapters": 0, "adapter_events": {}}
+    scheduler, store = engine.engine.scheduler, engine.store
+    return {
+        "queue_depth": len(scheduler.waiting), "running_requests": len(scheduler.running),
+        "in_flight_requests": engine.in_flight, "device_adapters": len(scheduler.adapters.active),
+        "cpu_adapters": len(store.cpu_resident()),
+        "adapter_events": {("device", "load"): scheduler.adapters.loads,
+                           ("device", "eviction"): scheduler.adapters.evictions,
+                           ("cpu", "load"): store.stats["loads"], ("cpu", "hit"): store.stats["cpu_hits"],
+                           ("cpu", "eviction"): store.stats["cpu_evictions"],
+                           ("cpu", "failure"): store.stats["load_failures"]},
+    }
+
+
 async def exit_when_engine_dies(holder: EngineHolder, period_s: float = 1.0) -> None:
     """If the engine loop itself dies, every request already got an error and /health says 503;
     then the process exits non-zero so a supervisor (Docker, Kubernetes, systemd) restarts it."""
@@ -135,6 +178,7 @@ def create_app(settings: Settings, factory: EngineFactory) -> FastAPI:
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)
     app.state.holder, app.state.settings = holder, settings
     app.add_middleware(BodySizeLimit, max_bytes=settings.http.max_request_bytes)
+    app.add_middleware(CountRequests)
     if settings.http.api_keys:
         app.add_middleware(BearerAuth, keys=settings.http.api_keys)
     install_error_handlers(app)
@@ -142,6 +186,12 @@ def create_app(settings: Settings, factory: EngineFactory) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(control.router)
     app.include_router(openai.router)
+
+    ENGINE_COLLECTOR.snapshot = lambda: engine_snapshot(holder)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:

@@ -20,6 +20,7 @@ from server.engine.request import FinishReason, Request, RequestEvent, TokenInfo
 from server.engine.runner import ModelRunner
 from server.engine.sampler import SampledToken
 from server.engine.scheduler import BatchPlan, Scheduler
+from server.metrics import BATCH_SIZE, GENERATED_TOKENS, ITL_SECONDS, STEP_SECONDS, TTFT_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,10 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan is None:
             return False
-        logits = self._forward(plan)  # [rows, vocab] or None if the pass failed
-        if logits is not None:
-            self._advance(plan, logits)
+        with STEP_SECONDS.labels(plan.kind.value).time():
+            logits = self._forward(plan)  # [rows, vocab] or None if the pass failed
+            if logits is not None:
+                self._advance(plan, logits)
         self._retire()
         return True
 
@@ -104,6 +106,7 @@ class Engine:
 
     # -- one step's pieces ----------------------------------------------------------------------
     def _forward(self, plan: BatchPlan) -> Optional[torch.Tensor]:
+        BATCH_SIZE.labels(plan.kind.value).observe(len(plan.requests))
         try:
             return self.runner.run(plan)
         except Exception as exc:
@@ -133,8 +136,14 @@ class Engine:
             request.guide.advance(token.token_id)
         request.output_ids.append(token.token_id)
         request.output_logprobs.append(token.logprob)
+        now = time.monotonic()
         if request.first_token_time is None:
-            request.first_token_time = time.monotonic()
+            request.first_token_time = now
+            TTFT_SECONDS.observe(now - request.arrival_time)
+        else:
+            ITL_SECONDS.observe(now - request.last_token_time)
+        request.last_token_time = now
+        GENERATED_TOKENS.inc()
         detok = request.detokenizer
         special = detok.is_special(token.token_id)
         text = detok.special_text(token.token_id) if special else detok.add(token.token_id)

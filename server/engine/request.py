@@ -16,6 +16,7 @@ import torch
 
 from server.adapters.weights import AdapterWeights
 from server.engine.detokenizer import IncrementalDetokenizer
+from server.metrics import GENERATIONS, adapter_label
 
 _ids = itertools.count()
 
@@ -129,6 +130,7 @@ class Request:
     generator: Optional[torch.Generator] = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: Optional[float] = None
+    last_token_time: Optional[float] = None
     cancel_requested: bool = False
 
     @property
@@ -165,4 +167,5 @@ class Request:
         if self.is_finished:
             return
         self.status, self.finish_reason = RequestStatus.FINISHED, reason
+        GENERATIONS.labels(adapter_label(self.adapter), reason.value).inc()
         self.sink(RequestEvent(token=token, finish_reason=reason, error=error))
