@@ -49,6 +49,7 @@ class Limits:
     max_best_of: int = 4
     max_active_adapters: int = 8
     max_adapter_memory_mb: int = 1024  # device memory for resident adapters' weights
+    max_cached_schemas: int = 128  # compiled JSON-schema grammars kept (LRU)
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -34,7 +34,7 @@ def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> Async
     warm_up(engine, loaded)
     store = AdapterStore(store_config(settings.adapters), loaded.model.config)
     preload(store, settings.adapters.preload_adapters)
-    guides = GuideFactory(loaded.tokenizer, loaded.eos_token_ids)
+    guides = GuideFactory(loaded.tokenizer, loaded.eos_token_ids, limits.max_cached_schemas)
     return AsyncEngine(engine, loaded, limits, store, guides)
 
 
