@@ -29,7 +29,7 @@ from server.config import Limits
 from server.engine.async_engine import AsyncEngine, GenerationInput, RequestHandle, resolved_seed
 from server.engine.request import FinishReason, OutputOptions, SamplingParams, TokenInfo
 from server.engine.request import Request as EngineRequest
-from server.errors import GenerationError, NotFoundError, UnavailableError, ValidationError
+from server.errors import NotFoundError, UnavailableError, ValidationError
 
 router = APIRouter()
 DEPLOYMENT_PREFIX = "/{tenant}/deployments/v2/llms/{deployment}"
@@ -124,18 +124,6 @@ def _prefill(req: EngineRequest, engine: AsyncEngine) -> list[PrefillToken]:
             for t, lp in zip(req.prompt_ids, req.prefill_logprobs)]
 
 
-async def _collect(handle: RequestHandle) -> tuple[list[TokenInfo], FinishReason]:
-    tokens: list[TokenInfo] = []
-    async for event in handle:
-        if event.token is not None:
-            tokens.append(event.token)
-        if event.finish_reason is not None:
-            if event.error is not None:
-                raise GenerationError(event.error)
-            return tokens, event.finish_reason
-    raise GenerationError("request ended without a result")
-
-
 def _timing_headers(req: EngineRequest, started: float) -> dict[str, str]:
     ttft = (req.first_token_time or time.monotonic()) - req.arrival_time
     adapter = req.adapter.key if req.adapter is not None else None
@@ -157,7 +145,7 @@ async def _run_best_of(engine: AsyncEngine, inp: GenerationInput, n: int):
 
     handles = [await engine.submit(variant(i)) for i in range(n)]
     try:
-        results = await asyncio.gather(*(_collect(h) for h in handles))
+        results = await asyncio.gather(*(h.result() for h in handles))
     finally:
         for h in handles:
             h.close()

@@ -21,7 +21,7 @@ from server.api.native import DEPLOYMENT_PREFIX, check_deployment, engine_of
 from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.engine.async_engine import AsyncEngine, GenerationInput, RequestHandle
 from server.engine.request import FinishReason, OutputOptions, RequestEvent, SamplingParams, TokenInfo
-from server.errors import GenerationError, NotFoundError, ValidationError
+from server.errors import NotFoundError, ValidationError
 from server.structured.tools import ToolPlan, as_tool_call, parse_tools, render_messages
 
 router = APIRouter()
@@ -201,18 +201,6 @@ def usage(handles: list[RequestHandle], n: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def collect(handle: RequestHandle) -> tuple[list[TokenInfo], FinishReason]:
-    tokens: list[TokenInfo] = []
-    async for event in handle:
-        if event.token is not None:
-            tokens.append(event.token)
-        if event.error is not None:
-            raise GenerationError(event.error)
-        if event.finish_reason is not None:
-            return tokens, event.finish_reason
-    raise GenerationError("request ended without a result")
-
-
 # -- chat completions -----------------------------------------------------------------------------
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     engine = engine_of(request)
@@ -230,7 +218,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         choices = [ChoiceStream(i, inp.stop_sequences, plan, body.logprobs, engine) for i in range(body.n)]
         return EventSourceResponse(_chat_stream(handles, meta, choices, include_usage, body.n), ping=15)
-    results = await asyncio.gather(*(collect(h) for h in handles))
+    results = await asyncio.gather(*(h.result() for h in handles))
     choices = []
     for index, (handle, (tokens, reason)) in enumerate(zip(handles, results)):
         text = trimmed_text(handle.request.output_text, inp.stop_sequences)
@@ -330,7 +318,7 @@ async def completions(body: CompletionRequest, request: Request):
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return EventSourceResponse(_completion_stream(handles, meta, inp.stop_sequences, echoes, include_usage,
                                                       body.n), ping=15)
-    results = await asyncio.gather(*(collect(h) for h in handles))
+    results = await asyncio.gather(*(h.result() for h in handles))
     choices = []
     for index, (handle, (tokens, reason)) in enumerate(zip(handles, results)):
         text = echoes[index] + trimmed_text(handle.request.output_text, inp.stop_sequences)

@@ -27,6 +27,7 @@ from server.engine.request import (
     RequestEvent,
     SamplingParams,
     StopCriteria,
+    TokenInfo,
 )
 from server.errors import GenerationError, OverloadedError, UnavailableError, ValidationError
 from server.model.loader import LoadedModel
@@ -70,6 +71,18 @@ class RequestHandle:
 
     def close(self) -> None:
         self._engine._release(self.request)
+
+    async def result(self) -> tuple[list[TokenInfo], FinishReason]:
+        """Run to the end: every token, and the finish reason; GenerationError if it failed."""
+        tokens: list[TokenInfo] = []
+        async for event in self:
+            if event.token is not None:
+                tokens.append(event.token)
+            if event.error is not None:
+                raise GenerationError(event.error)
+            if event.finish_reason is not None:
+                return tokens, event.finish_reason
+        raise GenerationError("request ended without a result")
 
 
 class AsyncEngine:
