@@ -9,6 +9,7 @@ import signal
 import sys
 
 from server.config import ConfigError, load_settings
+from server.logs import configure as configure_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,12 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", dest="api_keys", action="append",
                        help="accept this bearer token (repeat for several; default: no auth)")
     serve.add_argument("--log-level", default=os.environ.get("LORASERVE_LOG_LEVEL", "info"))
+    serve.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("LORASERVE_LOG_FORMAT", "text"))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level", "log_format")}
     if overrides.get("api_keys"):
         overrides["api_keys"] = tuple(overrides["api_keys"])
     try:
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"loraserve: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     import uvicorn
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     # start; a no-op one here lets a graceful shutdown end with exit code 0 instead of death by signal.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(app, host=settings.http.host, port=settings.http.port, log_level=args.log_level.lower(),
-                timeout_graceful_shutdown=settings.http.shutdown_grace_s)
+                timeout_graceful_shutdown=settings.http.shutdown_grace_s,
+                log_config=None)  # uvicorn's loggers go through ours: one format, with request ids
     return 0
 
 

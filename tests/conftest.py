@@ -162,7 +162,8 @@ def server(loaded: LoadedModel, adapter_root, s3_endpoint, hf_cache, extra_root)
            "LORASERVE_HOME": str(extra_root.parent / "home"), **S3_ENV}
     (extra_root.parent / "home").mkdir()
     os.symlink(loaded.model_dir.parent, extra_root.parent / "home" / "models", target_is_directory=True)
-    proc = ServerProcess("--max-concurrent-requests", "16", "--max-batch-size", "8", env=env).wait_ready()
+    proc = ServerProcess("--max-concurrent-requests", "16", "--max-batch-size", "8", "--log-format", "json",
+                         env=env).wait_ready()
     yield proc
     proc.stop()
 

@@ -37,3 +37,21 @@ def test_metrics_count_what_happened(client):
     assert by_adapter >= 1
     assert value(after, "loraserve_adapter_events_total", tier="device", event="load") >= 1
     assert ("loraserve_queue_depth", ()) in after and ("loraserve_running_requests", ()) in after
+
+
+def test_request_ids_reach_the_response_and_the_json_log(client, server):
+    import json
+
+    from tests.conftest import ROOT
+
+    mine = client.post("/generate", headers={"x-request-id": "trace-abc-123"},
+                       json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}})
+    assert mine.headers["x-request-id"] == "trace-abc-123"
+    fresh = client.get("/info").headers["x-request-id"]
+    assert len(fresh) == 32 and client.get("/info").headers["x-request-id"] != fresh
+    assert client.get("/info", headers={"x-request-id": "bad id with spaces"}).headers["x-request-id"] != \
+        "bad id with spaces"
+    log = (ROOT / ".pytest_cache" / f"server-{server.port}.log").read_text().splitlines()
+    entries = [json.loads(line) for line in log if line.startswith("{")]
+    assert entries and all({"ts", "level", "logger", "msg"} <= set(e) for e in entries)
+    assert any(e.get("request_id") == "trace-abc-123" and "/generate" in e["msg"] for e in entries)

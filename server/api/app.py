@@ -10,7 +10,9 @@ import asyncio
 import hmac
 import logging
 import os
+import re
 import threading
+import uuid
 from contextlib import asynccontextmanager
 from typing import Callable, Optional
 
@@ -24,11 +26,13 @@ from server.api.errors import error_body, error_response, install_error_handlers
 from server.api.schemas import Info
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
+from server.logs import REQUEST_ID
 from server.metrics import ENGINE_COLLECTOR, HTTP_REQUESTS, REGISTRY
 
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Settings], AsyncEngine]
+_SANE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class EngineHolder:
@@ -112,7 +116,8 @@ class BearerAuth:
 
 
 class CountRequests:
-    """Counts responses by route template and status for /metrics."""
+    """Gives each request an id (the caller's x-request-id if sane, else a new one) for logs and the
+    response header, and counts responses by route template and status for /metrics."""
 
     def __init__(self, app) -> None:
         self.app = app
@@ -121,10 +126,15 @@ class CountRequests:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         status = {"code": 500}
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _SANE_ID.match(incoming) else uuid.uuid4().hex
+        REQUEST_ID.set(request_id)
 
         async def remember(message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  (b"x-request-id", request_id.encode())]}
             await send(message)
 
         try:
