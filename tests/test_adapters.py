@@ -133,3 +133,23 @@ def test_device_memory_budget_evicts_and_refuses_what_can_never_fit(make_engine,
     with pytest.raises(GenerationError, match="more than max_adapter_memory_mb"):
         run(collect(small, greedy(PROMPTS[0], 4, adapter_id=f"{SPECS[1].name}/1")))
     assert run(collect(small, greedy(PROMPTS[0], 4, adapter_id=f"{SPECS[0].name}/1")))[0]
+
+
+def test_requests_waiting_for_a_cold_adapter_count_against_the_concurrency_limit(make_engine, adapter_root):
+    from server.errors import OverloadedError
+
+    engine = adapter_engine(make_engine, adapter_root, max_concurrent_requests=3)
+
+    async def scenario():
+        cold = [asyncio.create_task(engine.submit(greedy(PROMPTS[0], 2, adapter_id=f"{SPECS[1].name}/1")))
+                for _ in range(5)]
+        results = await asyncio.gather(*cold, return_exceptions=True)
+        for r in results:
+            if not isinstance(r, Exception):
+                async for _ in r:
+                    pass
+        return results
+
+    results = run(scenario())
+    assert sum(isinstance(r, OverloadedError) for r in results) == 2  # exactly the overflow
+    assert sum(not isinstance(r, Exception) for r in results) == 3

@@ -90,6 +90,7 @@ class AsyncEngine:
                  guides: GuideFactory) -> None:
         self.engine, self.loaded, self.limits, self.store, self.guides = engine, loaded, limits, store, guides
         self._in_flight: set[Request] = set()
+        self._preparing = 0  # admitted, still awaiting an adapter load or a schema compile
 
     @property
     def in_flight(self) -> int:
@@ -108,17 +109,21 @@ class AsyncEngine:
             raise UnavailableError("the engine is not running")
         prompt_ids = self._prompt_ids(inp)
         max_new = self._max_new_tokens(inp, len(prompt_ids))
-        if len(self._in_flight) >= self.limits.max_concurrent_requests:
+        if self.in_flight + self._preparing >= self.limits.max_concurrent_requests:
             raise OverloadedError(
                 f"server is at max_concurrent_requests ({self.limits.max_concurrent_requests}); retry later"
             )
-        adapter = await self.adapter(inp.adapter_id, inp.adapter_source, inp.merged_adapters)
-        if adapter is not None and not self.engine.scheduler.adapters.can_ever_hold(adapter):
-            raise GenerationError(
-                f"adapter {adapter.key} needs {self.engine.scheduler.adapters.bytes_of(adapter) >> 20} MiB on the "
-                f"device, more than max_adapter_memory_mb ({self.limits.max_adapter_memory_mb})"
-            )
-        guide = await self.guide(inp.response_format)
+        self._preparing += 1  # holds its place while the adapter loads and the schema compiles
+        try:
+            adapter = await self.adapter(inp.adapter_id, inp.adapter_source, inp.merged_adapters)
+            if adapter is not None and not self.engine.scheduler.adapters.can_ever_hold(adapter):
+                raise GenerationError(
+                    f"adapter {adapter.key} needs {self.engine.scheduler.adapters.bytes_of(adapter) >> 20} MiB on "
+                    f"the device, more than max_adapter_memory_mb ({self.limits.max_adapter_memory_mb})"
+                )
+            guide = await self.guide(inp.response_format)
+        finally:
+            self._preparing -= 1
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[RequestEvent] = asyncio.Queue()
         request = Request(
