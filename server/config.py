@@ -6,7 +6,6 @@ validated on construction so a bad value stops the server at start with a messag
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -109,8 +108,6 @@ class Settings:
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 _SECTIONS = {"model": ModelConfig, "limits": Limits, "adapters": AdapterConfig, "http": HttpConfig}

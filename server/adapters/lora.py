@@ -35,19 +35,6 @@ def lora_delta(x: torch.Tensor, a_packed: torch.Tensor, b_packed_t: torch.Tensor
     return xa @ b_packed_t[lora.lo : lora.hi]
 
 
-def lora_reference(x: torch.Tensor, adapters: Sequence[Optional[tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
-    """Row-by-row float64 reference: adapters[i] is (A [r, in], B_scaled [out, r]) or None."""
-    rows = []
-    for xi, pair in zip(x.double(), adapters):
-        if pair is None:
-            rows.append(torch.zeros(0, dtype=torch.float64))
-            continue
-        a, b = (t.double() for t in pair)
-        rows.append(b @ (a @ xi))
-    out = max((r.numel() for r in rows), default=0)
-    return torch.stack([r if r.numel() else torch.zeros(out, dtype=torch.float64) for r in rows])
-
-
 @dataclass(frozen=True)
 class PackedLora:
     """The packed adapters of one projection; a Projection calls it when its batch carries LoRA."""

@@ -184,6 +184,7 @@ def create_app(settings: Settings, factory: EngineFactory) -> FastAPI:
         watchdog.cancel()
         if holder.engine is not None:
             holder.engine.engine.stop()
+            holder.engine.store.shutdown()
 
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)
     app.state.holder, app.state.settings = holder, settings
