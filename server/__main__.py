@@ -24,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--threads", type=int, help="torch CPU threads (0 = all cores)")
     for name in ("max_input_length", "max_total_tokens", "max_batch_total_tokens", "max_batch_prefill_tokens",
-                 "max_batch_size", "max_concurrent_requests", "max_stop_sequences", "max_best_of",
-                 "max_active_adapters", "max_adapter_memory_mb", "max_cpu_adapters"):
+                 "max_batch_size", "max_concurrent_requests", "max_stop_sequences", "max_stop_sequence_length",
+                 "max_best_of", "max_active_adapters", "max_adapter_memory_mb", "max_cpu_adapters", "max_queue_wait_s",
+                 "adapter_download_timeout_s"):
         serve.add_argument("--" + name.replace("_", "-"), dest=name, type=int)
     serve.add_argument("--api-key", dest="api_keys", action="append",
                        help="accept this bearer token (repeat for several; default: no auth)")

@@ -45,10 +45,12 @@ class Limits:
     max_batch_size: int = 32
     max_concurrent_requests: int = 128
     max_stop_sequences: int = 4
+    max_stop_sequence_length: int = 256  # characters per stop sequence (matching cost grows with it)
     max_best_of: int = 4
     max_active_adapters: int = 8
     max_adapter_memory_mb: int = 1024  # device memory for resident adapters' weights
     max_cached_schemas: int = 128  # compiled JSON-schema grammars kept (LRU)
+    max_queue_wait_s: int = 60  # longest wait for a place in the running batch; beyond it: 429 overloaded
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -75,9 +77,11 @@ class AdapterConfig:
     adapter_roots: tuple[str, ...] = ()  # further directories the `local` source may read
     max_cpu_adapters: int = 32  # CPU-RAM LRU tier
     preload_adapters: tuple[str, ...] = ()  # loaded at start; dynamic loading stays on
+    adapter_download_timeout_s: int = 300  # one remote (S3) adapter download, all retries included
 
     def __post_init__(self) -> None:
         _check_min("max_cpu_adapters", self.max_cpu_adapters, 1)
+        _check_min("adapter_download_timeout_s", self.adapter_download_timeout_s, 1)
 
 
 @dataclass(frozen=True)

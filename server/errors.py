@@ -47,3 +47,11 @@ class UnavailableError(ServingError):
 
     error_type = "unavailable"
     status_code = 503
+
+
+def error_of_type(error_type: str, message: str) -> ServingError:
+    """The exception for an error that crossed the engine thread as (error_type, message)."""
+    for cls in (ValidationError, NotFoundError, PayloadTooLargeError, OverloadedError, UnavailableError):
+        if cls.error_type == error_type:
+            return cls(message)
+    return GenerationError(message)

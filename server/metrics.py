@@ -14,6 +14,9 @@ HTTP_REQUESTS = Counter("loraserve_http_requests", "HTTP requests by route and s
                         ["route", "status"], registry=REGISTRY)
 GENERATIONS = Counter("loraserve_generations", "Finished generations by adapter and finish reason",
                       ["adapter", "finish_reason"], registry=REGISTRY)
+REJECTED = Counter("loraserve_rejected_requests", "Requests refused for overload, by reason "
+                   "(max_concurrent_requests: at admission; queue_timeout: waited past max_queue_wait_s)",
+                   ["reason"], registry=REGISTRY)
 GENERATED_TOKENS = Counter("loraserve_generated_tokens", "Tokens generated", registry=REGISTRY)
 BATCH_SIZE = Histogram("loraserve_batch_size", "Sequences per forward pass", ["kind"], registry=REGISTRY,
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
@@ -37,6 +40,8 @@ class EngineCollector:
         for name, help_text in (("queue_depth", "Requests waiting for admission"),
                                 ("running_requests", "Requests in the running batch"),
                                 ("in_flight_requests", "Accepted requests not yet finished"),
+                                ("kv_slots_used", "KV-cache slots held by running requests"),
+                                ("pinned_adapters", "Device adapters pinned by running requests"),
                                 ("device_adapters", "Adapters resident on the device"),
                                 ("cpu_adapters", "Adapters in the CPU tier")):
             yield GaugeMetricFamily(f"loraserve_{name}", help_text, value=s[name])

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from urllib.parse import unquote
@@ -127,12 +128,19 @@ class HubSource(AdapterSource):
 
 
 class S3Source(AdapterSource):
-    """"s3://bucket/prefix" through boto3 (S3_ENDPOINT_URL and AWS_* respected), cached on disk."""
+    """"s3://bucket/prefix" through boto3 (S3_ENDPOINT_URL and AWS_* respected), cached on disk.
+
+    One download is bounded by `timeout_s` in all: every call has connect and read timeouts of a
+    third of it (at most 10 s) and two attempts, and the deadline is checked between 64 KiB chunks,
+    so an endpoint that is down, hangs, or trickles bytes fails the load (424) instead of holding
+    the request, and a load worker, forever.
+    """
 
     name = "s3"
+    CHUNK = 64 * 1024
 
-    def __init__(self, cache_dir: Path) -> None:
-        self.cache_dir = cache_dir
+    def __init__(self, cache_dir: Path, timeout_s: float = 300.0) -> None:
+        self.cache_dir, self.timeout_s = cache_dir, timeout_s
 
     def fetch(self, adapter_id: str) -> Path:
         bucket, prefix = self._parse(adapter_id)
@@ -149,19 +157,25 @@ class S3Source(AdapterSource):
             raise ValidationError(f'adapter_id {adapter_id!r} must look like "s3://bucket/prefix"')
         return match.group(1), match.group(2)
 
-    def _download(self, adapter_id: str, bucket: str, prefix: str, target: Path) -> None:
+    def _client(self):
         import boto3
         from botocore.config import Config
+
+        per_call = max(1.0, min(10.0, self.timeout_s / 3))
+        return boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None,
+                            config=Config(connect_timeout=per_call, read_timeout=per_call,
+                                          retries={"max_attempts": 2, "mode": "standard"}))
+
+    def _download(self, adapter_id: str, bucket: str, prefix: str, target: Path) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
-        client = boto3.client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL") or None,
-                              config=Config(connect_timeout=5, read_timeout=30, retries={"max_attempts": 2}))
+        client, deadline = self._client(), time.monotonic() + self.timeout_s
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=".s3-", dir=target.parent))
         try:
             for name in ADAPTER_FILES + OPTIONAL_FILES:
                 try:
-                    client.download_file(bucket, f"{prefix}/{name}", str(staging / name))
+                    self._fetch_file(client, bucket, f"{prefix}/{name}", staging / name, deadline)
                 except ClientError as exc:
                     code = exc.response.get("Error", {}).get("Code", "")
                     if name in OPTIONAL_FILES and code in ("404", "NoSuchKey"):
@@ -175,3 +189,18 @@ class S3Source(AdapterSource):
             raise AdapterLoadError(f"adapter {adapter_id}: S3 download failed ({exc})") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _fetch_file(self, client, bucket: str, key: str, dest: Path, deadline: float) -> None:
+        def check_deadline() -> None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"took longer than adapter_download_timeout_s ({self.timeout_s:g} s)")
+
+        check_deadline()
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        try:
+            with open(dest, "wb") as out:
+                for chunk in body.iter_chunks(self.CHUNK):
+                    out.write(chunk)
+                    check_deadline()
+        finally:
+            body.close()

@@ -34,6 +34,7 @@ class AdapterStoreConfig:
     extra_roots: tuple[Path, ...]
     s3_cache_dir: Path
     max_cpu_adapters: int
+    download_timeout_s: float = 300.0  # one remote adapter download, retries included
     load_workers: int = 2
 
 
@@ -44,7 +45,7 @@ class AdapterStore:
             "pbase": PbaseSource(config.adapters_dir),
             "local": LocalSource([config.adapters_dir, *config.extra_roots]),
             "hub": HubSource(),
-            "s3": S3Source(config.s3_cache_dir),
+            "s3": S3Source(config.s3_cache_dir, config.download_timeout_s),
         }
         self._cpu: OrderedDict[AdapterKey, AdapterWeights] = OrderedDict()
         self._pending: dict[AdapterKey, Future] = {}

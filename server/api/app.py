@@ -94,6 +94,75 @@ class BodySizeLimit:
         await JSONResponse(body, status_code=413)(scope, receive, send)
 
 
+class CancelOnDisconnect:
+    """Cancels a request whose client went away before its response started, so its sequence leaves
+    the batch and frees its KV slot and adapter pin instead of generating for nobody (uvicorn never
+    cancels a route by itself). Once a response streams, the route's own disconnect handling (SSE)
+    takes over: it is handed the disconnect this layer watched for."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        body = await _read_body(receive)
+        if body is None:
+            return  # gone before it finished sending the request
+        gone = asyncio.Event()
+        started = False
+
+        async def app_receive():
+            nonlocal body
+            if body is not None:
+                message, body = {"type": "http.request", "body": body, "more_body": False}, None
+                return message
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def app_send(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self._run(scope, receive, send, app_receive, app_send, gone, lambda: started)
+
+    async def _run(self, scope, receive, send, app_receive, app_send, gone: asyncio.Event, started) -> None:
+        app = asyncio.create_task(self.app(scope, app_receive, app_send))
+        watcher = asyncio.create_task(_wait_for_disconnect(receive))
+        await asyncio.wait({app, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if app.done():
+            watcher.cancel()
+            return app.result()
+        gone.set()
+        if not started():
+            app.cancel()
+        try:
+            await app
+        except asyncio.CancelledError:
+            if not app.cancelled():
+                raise  # this layer itself was cancelled (server shutdown)
+        if not started():  # nginx's "client closed request": for the access log and /metrics, never sent
+            await JSONResponse(error_body(scope["path"], 499, "client_closed", "client disconnected"),
+                               status_code=499)(scope, receive, send)
+
+
+async def _read_body(receive) -> Optional[bytes]:
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+async def _wait_for_disconnect(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class BearerAuth:
     """Every route but /health needs `Authorization: Bearer <one of the keys>` (compared in
     constant time, against every key, so timing says nothing about which or how much matched)."""
@@ -147,12 +216,15 @@ class CountRequests:
 def engine_snapshot(holder: EngineHolder) -> dict:
     engine = holder.engine
     if engine is None:
-        return {"queue_depth": 0, "running_requests": 0, "in_flight_requests": 0, "device_adapters": 0,
-                "cpu_adapters": 0, "adapter_events": {}}
+        return {"queue_depth": 0, "running_requests": 0, "in_flight_requests": 0, "kv_slots_used": 0,
+                "pinned_adapters": 0, "device_adapters": 0, "cpu_adapters": 0, "adapter_events": {}}
     scheduler, store = engine.engine.scheduler, engine.store
+    running = list(scheduler.running)  # the engine thread changes it; a copy is a consistent enough sample
     return {
-        "queue_depth": len(scheduler.waiting), "running_requests": len(scheduler.running),
-        "in_flight_requests": engine.in_flight, "device_adapters": len(scheduler.adapters.active),
+        "queue_depth": sum(map(len, list(scheduler.queues.values()))), "running_requests": len(running),
+        "in_flight_requests": engine.in_flight, "kv_slots_used": scheduler.kv.used_slots,
+        "pinned_adapters": len({id(r.adapter) for r in running if r.adapter is not None}),
+        "device_adapters": len(scheduler.adapters.active),
         "cpu_adapters": len(store.cpu_resident()),
         "adapter_events": {("device", "load"): scheduler.adapters.loads,
                            ("device", "eviction"): scheduler.adapters.evictions,
@@ -188,6 +260,7 @@ def create_app(settings: Settings, factory: EngineFactory) -> FastAPI:
 
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)
     app.state.holder, app.state.settings = holder, settings
+    app.add_middleware(CancelOnDisconnect)
     app.add_middleware(BodySizeLimit, max_bytes=settings.http.max_request_bytes)
     app.add_middleware(CountRequests)
     if settings.http.api_keys:

@@ -12,6 +12,7 @@ from typing import AsyncIterator, Optional
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
+from starlette.background import BackgroundTask
 
 from server.api.schemas import (
     AlternativeToken,
@@ -143,8 +144,10 @@ async def _run_best_of(engine: AsyncEngine, inp: GenerationInput, n: int):
         seed = None if inp.params.seed is None else (inp.params.seed + i) % 2**64
         return replace(inp, params=replace(inp.params, seed=seed))
 
-    handles = [await engine.submit(variant(i)) for i in range(n)]
-    try:
+    handles: list[RequestHandle] = []
+    try:  # a later candidate's 429, or a disconnect, must not strand the earlier ones
+        for i in range(n):
+            handles.append(await engine.submit(variant(i)))
         results = await asyncio.gather(*(h.result() for h in handles))
     finally:
         for h in handles:
@@ -185,6 +188,16 @@ def _best_of_sequence(handle: RequestHandle, tokens, reason: FinishReason, prefi
 
 
 # -- routes ---------------------------------------------------------------------------------------
+def closing(handles: list[RequestHandle]) -> BackgroundTask:
+    """Runs after a stream ends however it ended: a stream cut before its first event never ran the
+    iterator whose `finally` would have closed the handles (closing twice is harmless)."""
+    async def close() -> None:
+        for handle in handles:
+            handle.close()
+
+    return BackgroundTask(close)
+
+
 def _dump(response: GenerateResponse) -> dict:
     """JSON as LoRAX writes it: optional parts left out when unused, a prefill's first logprob null."""
     body = response.model_dump()
@@ -210,8 +223,9 @@ async def generate_stream(body: GenerateRequest, request: Request) -> EventSourc
     engine = engine_of(request)
     inp = to_generation_input(body.inputs, body.parameters, engine.limits, stream=True)
     handle = await engine.submit(inp)
+    await handle.wait_started()  # an error before the first token is still an HTTP status (e.g. 429)
     prefix = body.inputs if body.parameters.return_full_text else ""
-    return EventSourceResponse(_stream_events(handle, prefix, engine), ping=15)
+    return EventSourceResponse(_stream_events(handle, prefix, engine), ping=15, background=closing([handle]))
 
 
 async def compat_generate(body: GenerateRequest, request: Request):
@@ -226,7 +240,7 @@ async def _stream_events(handle: RequestHandle, prefix: str, engine: AsyncEngine
     req = handle.request
     async for event in handle:
         if event.error is not None:
-            yield {"data": json.dumps({"error": event.error, "error_type": "generation"})}
+            yield {"data": json.dumps({"error": event.error, "error_type": event.error_type})}
         elif event.token is not None:
             out = StreamResponse(token=_token(event.token, engine))
             if event.finish_reason is not None:

@@ -17,11 +17,12 @@ from sse_starlette.sse import EventSourceResponse
 
 from server import __version__
 from server.adapters.weights import AdapterWeights
-from server.api.native import DEPLOYMENT_PREFIX, check_deployment, engine_of
+from server.api.errors import openai_error
+from server.api.native import DEPLOYMENT_PREFIX, check_deployment, closing, engine_of
 from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.engine.async_engine import AsyncEngine, GenerationInput, RequestHandle
 from server.engine.request import FinishReason, OutputOptions, RequestEvent, SamplingParams, TokenInfo
-from server.errors import NotFoundError, ValidationError
+from server.errors import NotFoundError, ValidationError, error_of_type
 from server.structured.tools import ToolPlan, as_tool_call, parse_tools, render_messages
 
 router = APIRouter()
@@ -125,11 +126,27 @@ async def submit_choices(engine: AsyncEngine, inp: GenerationInput, n: int) -> l
         for i in range(n):
             seed = None if inp.params.seed is None else (inp.params.seed + i) % 2**64
             handles.append(await engine.submit(replace(inp, params=replace(inp.params, seed=seed))))
-    except Exception:
+    except BaseException:  # a 429 for a later choice, or the client went away: free the earlier ones
         for handle in handles:
             handle.close()
         raise
     return handles
+
+
+async def wait_started(handles: list[RequestHandle]) -> None:
+    """Every choice has its first token (or the error that becomes this response's status)."""
+    try:
+        await asyncio.gather(*(h.wait_started() for h in handles))
+    except BaseException:
+        for handle in handles:
+            handle.close()
+        raise
+
+
+def stream_error(event: RequestEvent) -> dict:
+    """An error after the stream started: one data line in OpenAI's error shape."""
+    _, error_type, code = openai_error(error_of_type(event.error_type, event.error))
+    return {"data": json.dumps({"error": {"message": event.error, "type": error_type, "param": None, "code": code}})}
 
 
 async def merged_events(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, RequestEvent]]:
@@ -217,7 +234,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         choices = [ChoiceStream(i, inp.stop_sequences, plan, body.logprobs, engine) for i in range(body.n)]
-        return EventSourceResponse(_chat_stream(handles, meta, choices, include_usage, body.n), ping=15)
+        await wait_started(handles)
+        return EventSourceResponse(_chat_stream(handles, meta, choices, include_usage, body.n), ping=15,
+                                   background=closing(handles))
     results = await asyncio.gather(*(h.result() for h in handles))
     choices = []
     for index, (handle, (tokens, reason)) in enumerate(zip(handles, results)):
@@ -281,8 +300,7 @@ async def _chat_stream(handles, meta, choices: list[ChoiceStream], include_usage
         yield chunk([choice._choice({"role": "assistant", "content": ""})])
     async for index, event in merged_events(handles):
         if event.error is not None:
-            yield {"data": json.dumps({"error": {"message": event.error, "type": "generation", "param": None,
-                                                 "code": 424}})}
+            yield stream_error(event)
             return
         if event.token is not None and not event.token.special:
             for payload in choices[index].on_token(event.token):
@@ -307,7 +325,7 @@ async def completions(body: CompletionRequest, request: Request):
         for prompt in prompts:
             inp = generation_input(body, prompt, engine, body.max_tokens or 16, body.logprobs or 0, True)
             handles += await submit_choices(engine, inp, body.n)
-    except Exception:
+    except BaseException:
         for handle in handles:
             handle.close()
         raise
@@ -316,8 +334,9 @@ async def completions(body: CompletionRequest, request: Request):
     echoes = [prompts[i // body.n] if body.echo else "" for i in range(len(handles))]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        await wait_started(handles)
         return EventSourceResponse(_completion_stream(handles, meta, inp.stop_sequences, echoes, include_usage,
-                                                      body.n), ping=15)
+                                                      body.n), ping=15, background=closing(handles))
     results = await asyncio.gather(*(h.result() for h in handles))
     choices = []
     for index, (handle, (tokens, reason)) in enumerate(zip(handles, results)):
@@ -351,8 +370,7 @@ async def _completion_stream(handles, meta, stops, echoes, include_usage: bool, 
             yield chunk([{"index": index, "text": echo, "logprobs": None, "finish_reason": None}])
     async for index, event in merged_events(handles):
         if event.error is not None:
-            yield {"data": json.dumps({"error": {"message": event.error, "type": "generation", "param": None,
-                                                 "code": 424}})}
+            yield stream_error(event)
             return
         text = trimmers[index].feed(event.token.text) if event.token and not event.token.special else ""
         if event.finish_reason is not None:

@@ -1,13 +1,15 @@
 """The asyncio face of the engine: validate and admit a request, then stream its events.
 
 Validation and admission happen synchronously in `submit`, so an HTTP route can still answer
-422/429 before it commits to a 200 stream. Every limit a single request can break is checked here.
+422/429 before it commits to a 200 stream (and `RequestHandle.wait_started` lets it wait for the
+first token, so a queue timeout is a 429 too). Every limit a single request can break is checked here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional
 
@@ -29,7 +31,8 @@ from server.engine.request import (
     StopCriteria,
     TokenInfo,
 )
-from server.errors import GenerationError, OverloadedError, UnavailableError, ValidationError
+from server.errors import GenerationError, OverloadedError, UnavailableError, ValidationError, error_of_type
+from server.metrics import REJECTED
 from server.model.loader import LoadedModel
 from server.structured.guide import GuideFactory, JsonSchemaGuide, schema_of
 
@@ -58,16 +61,29 @@ class RequestHandle:
 
     def __init__(self, request: Request, events: asyncio.Queue, engine: "AsyncEngine") -> None:
         self.request, self._events, self._engine = request, events, engine
+        self._first: Optional[RequestEvent] = None  # taken by wait_started, replayed by iteration
 
     async def __aiter__(self) -> AsyncIterator[RequestEvent]:
         try:
             while True:
-                event: RequestEvent = await self._events.get()
+                event, self._first = self._first or await self._events.get(), None
                 yield event
                 if event.finish_reason is not None:
                     return
         finally:
             self.close()
+
+    async def wait_started(self) -> None:
+        """Wait for the first event (a token, or an error) and raise the error, if it is one, as a
+        ServingError: a stream can then still answer 429/424 instead of a 200 that carries an error."""
+        try:
+            self._first = await self._events.get()
+        except BaseException:  # cancelled: the client went away
+            self.close()
+            raise
+        if self._first.error is not None:
+            self.close()
+            raise error_of_type(self._first.error_type, self._first.error)
 
     def close(self) -> None:
         self._engine._release(self.request)
@@ -79,7 +95,7 @@ class RequestHandle:
             if event.token is not None:
                 tokens.append(event.token)
             if event.error is not None:
-                raise GenerationError(event.error)
+                raise error_of_type(event.error_type, event.error)
             if event.finish_reason is not None:
                 return tokens, event.finish_reason
         raise GenerationError("request ended without a result")
@@ -94,7 +110,8 @@ class AsyncEngine:
 
     @property
     def in_flight(self) -> int:
-        return len(self._in_flight)
+        """Accepted requests not finished yet (one that finished unread no longer holds a place)."""
+        return sum(not r.is_finished for r in list(self._in_flight))
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.loaded.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
@@ -107,9 +124,12 @@ class AsyncEngine:
         UnavailableError, or GenerationError (424) when the adapter can't be loaded."""
         if not self.engine.alive:
             raise UnavailableError("the engine is not running")
+        self._check_stop_sequences(inp.stop_sequences)
         prompt_ids = self._prompt_ids(inp)
         max_new = self._max_new_tokens(inp, len(prompt_ids))
-        if self.in_flight + self._preparing >= self.limits.max_concurrent_requests:
+        self._in_flight = {r for r in self._in_flight if not r.is_finished}
+        if len(self._in_flight) + self._preparing >= self.limits.max_concurrent_requests:
+            REJECTED.labels("max_concurrent_requests").inc()
             raise OverloadedError(
                 f"server is at max_concurrent_requests ({self.limits.max_concurrent_requests}); retry later"
             )
@@ -147,7 +167,7 @@ class AsyncEngine:
         constrained, schema = schema_of(response_format)
         if not constrained:
             return None
-        return await asyncio.wrap_future(self.guides.guide_for(schema))
+        return await _shielded(self.guides.guide_for(schema))
 
     async def adapter(self, adapter_id: Optional[str], source: Optional[str],
                       merged: Optional[dict] = None) -> Optional[AdapterWeights]:
@@ -155,15 +175,23 @@ class AsyncEngine:
         if merged:
             if adapter_id:
                 raise ValidationError("give either adapter_id or merged_adapters, not both")
-            return await asyncio.wrap_future(self.store.get_merged(MergeSpec.parse(merged, source)))
+            return await _shielded(self.store.get_merged(MergeSpec.parse(merged, source)))
         if not adapter_id or adapter_id == self.loaded.name:
             return None
-        return await asyncio.wrap_future(self.store.get(self.store.key_for(adapter_id, source)))
+        return await _shielded(self.store.get(self.store.key_for(adapter_id, source)))
 
     def _release(self, request: Request) -> None:
         if not request.is_finished:
             self.engine.cancel(request)
         self._in_flight.discard(request)
+
+    def _check_stop_sequences(self, stops: tuple[str, ...]) -> None:
+        longest = max(map(len, stops), default=0)
+        if longest > self.limits.max_stop_sequence_length:
+            raise ValidationError(
+                f"each stop sequence must be at most {self.limits.max_stop_sequence_length} characters. "
+                f"Given: one of {longest}"
+            )
 
     def _prompt_ids(self, inp: GenerationInput) -> list[int]:
         if not inp.prompt:
@@ -188,6 +216,12 @@ class AsyncEngine:
                 f"Given: {prompt_len} `inputs` tokens and {inp.max_new_tokens} `max_new_tokens`"
             )
         return inp.max_new_tokens
+
+
+async def _shielded(future: Future):
+    """Await a worker's Future without cancelling it when this request is cancelled (its client went
+    away): an adapter load is shared with every other request that waits for the same adapter."""
+    return await asyncio.shield(asyncio.wrap_future(future))
 
 
 def _threadsafe_sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):

@@ -28,7 +28,8 @@ def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> Async
     limits = settings.limits
     kv = KVCache(loaded.model.config, limits.max_batch_size, limits.max_total_tokens, loaded.device, loaded.dtype)
     resident = ResidentAdapters(loaded.model, limits.max_active_adapters, limits.max_adapter_memory_mb * 2**20)
-    budget = SchedulerBudget(limits.max_batch_size, limits.max_batch_total_tokens, limits.max_batch_prefill_tokens)
+    budget = SchedulerBudget(limits.max_batch_size, limits.max_batch_total_tokens, limits.max_batch_prefill_tokens,
+                             limits.max_queue_wait_s)
     runner = ModelRunner(loaded.model, kv, resident, loaded.device)
     engine = Engine(runner, Scheduler(budget, kv, resident), loaded.eos_token_ids)
     warm_up(engine, loaded)
@@ -44,6 +45,7 @@ def store_config(config: AdapterConfig) -> AdapterStoreConfig:
         extra_roots=tuple(Path(r) for r in config.adapter_roots),
         s3_cache_dir=loraserve_home() / "adapters" / "s3",
         max_cpu_adapters=config.max_cpu_adapters,
+        download_timeout_s=config.adapter_download_timeout_s,
     )
 
 

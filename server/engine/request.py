@@ -93,6 +93,7 @@ class RequestEvent:
     token: Optional[TokenInfo] = None
     finish_reason: Optional[FinishReason] = None
     error: Optional[str] = None
+    error_type: str = "generation"  # server.errors' error_type: "overloaded" for a queue timeout
 
 
 LogitsProcessor = Callable[[torch.Tensor, "Request"], torch.Tensor]  # ([vocab], request) -> [vocab]
@@ -162,10 +163,11 @@ class Request:
     def output_text(self) -> str:
         return self.detokenizer.text
 
-    def finish(self, reason: FinishReason, error: Optional[str] = None, token: Optional[TokenInfo] = None) -> None:
+    def finish(self, reason: FinishReason, error: Optional[str] = None, token: Optional[TokenInfo] = None,
+               error_type: str = "generation") -> None:
         """Mark finished and send the last event (carrying the final token, if one ended it)."""
         if self.is_finished:
             return
         self.status, self.finish_reason = RequestStatus.FINISHED, reason
         GENERATIONS.labels(adapter_label(self.adapter), reason.value).inc()
-        self.sink(RequestEvent(token=token, finish_reason=reason, error=error))
+        self.sink(RequestEvent(token=token, finish_reason=reason, error=error, error_type=error_type))

@@ -9,10 +9,15 @@ one adapter therefore cannot push another adapter's requests behind it. When an 
 device slot and every slot is pinned by running requests, the resident adapter with the fewest
 running requests stops admitting ("drains"); once idle it is evicted and the waiting adapter moves
 in, so a waiting queue is bounded by one drain (at most max_total_tokens decode steps).
+
+A request that has waited longer than max_queue_wait_s for admission is failed as "overloaded"
+(429), so a client under sustained overload hears so and can retry elsewhere instead of hanging.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from enum import Enum
@@ -21,7 +26,8 @@ from typing import Optional
 from server.adapters.lora import ResidentAdapters
 from server.adapters.weights import AdapterWeights
 from server.engine.kv_cache import KVCache
-from server.engine.request import Request, RequestStatus
+from server.engine.request import FinishReason, Request, RequestStatus
+from server.metrics import REJECTED
 
 
 class StepKind(Enum):
@@ -46,6 +52,7 @@ class SchedulerBudget:
     max_batch_size: int  # sequences in the running batch (KV slots)
     max_batch_total_tokens: int  # sum of every running request's worst-case KV tokens
     max_batch_prefill_tokens: int  # prompt tokens in one prefill step
+    max_queue_wait_s: float = math.inf  # longest wait for admission before a request fails as overloaded
 
 
 class Scheduler:
@@ -71,6 +78,7 @@ class Scheduler:
         self.queues.setdefault(request.adapter, deque()).append(request)
 
     def schedule(self) -> BatchPlan | None:
+        self._expire_waiting(time.monotonic())
         admitted = self._admit()
         if admitted:
             return BatchPlan(StepKind.PREFILL, tuple(admitted))
@@ -95,6 +103,19 @@ class Scheduler:
                 admitted.append(request)
                 progressed = True
         return admitted
+
+    def _expire_waiting(self, now: float) -> None:
+        """Fail the requests that waited too long. Each queue is FIFO by arrival, so only heads are checked."""
+        limit = self.budget.max_queue_wait_s
+        for adapter in list(self.queues):
+            queue = self.queues[adapter]
+            while queue and now - queue[0].arrival_time > limit:
+                request = queue.popleft()
+                REJECTED.labels("queue_timeout").inc()
+                request.finish(FinishReason.ERROR, f"waited more than max_queue_wait_s ({limit:g} s) for a place in "
+                               "the running batch: the server is overloaded; retry later", error_type="overloaded")
+            if not queue:
+                del self.queues[adapter]
 
     def _fits(self, request: Request, admitted: list[Request]) -> bool:
         prefill = sum(r.num_prompt_tokens for r in admitted) + request.num_prompt_tokens
