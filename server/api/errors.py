@@ -76,6 +76,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         error_type = _HTTP_ERROR_TYPES.get(exc.status_code, "http_error")
+        if is_openai(request.url.path) and exc.status_code == 400:  # OpenAI's type for any malformed request
+            error_type = "invalid_request_error"
         return error_response(request, exc.status_code, error_type, str(exc.detail))
 
     @app.exception_handler(Exception)

@@ -22,6 +22,7 @@ from server.errors import ValidationError
 # Fixed separators and no free whitespace: output stays readable and can never loop on blanks.
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 MAX_SCHEMA_BYTES = 64 * 1024
+MAX_SCHEMA_DEPTH = 64  # nested objects/arrays; deeper would overflow the recursive walks (and llguidance's)
 
 
 class SchemaError(ValidationError):
@@ -70,6 +71,8 @@ class GuideFactory:
         schema = {"type": "object"} if schema is None else schema
         if not isinstance(schema, dict):
             raise SchemaError("the JSON schema must be an object")
+        if nesting_depth(schema) > MAX_SCHEMA_DEPTH:
+            raise SchemaError(f"the JSON schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
         text = json.dumps(close_objects(schema))  # property order is output order: never sort
         if len(text) > MAX_SCHEMA_BYTES:
             raise SchemaError(f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes")
@@ -116,6 +119,17 @@ class GuideFactory:
 
             self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, eos_token=self._eos)
         return self._tokenizer
+
+
+def nesting_depth(value: Any) -> int:
+    """How deeply dicts and lists nest in a parsed JSON value (iterative: safe on any depth)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def close_objects(schema: Any) -> Any:
