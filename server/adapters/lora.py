@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from server.adapters.weights import PROJECTIONS, AdapterWeights
-from server.model.llama import CausalLM, Projection
+from server.model.llama import CausalLM, LoraTarget
 
 
 @dataclass(frozen=True)
@@ -37,23 +37,13 @@ def lora_delta(x: torch.Tensor, a_packed: torch.Tensor, b_packed_t: torch.Tensor
 
 @dataclass(frozen=True)
 class PackedLora:
-    """The packed adapters of one projection; a Projection calls it when its batch carries LoRA."""
+    """The packed adapters of one projection; its LoraTarget calls it when the batch carries LoRA."""
 
     a: torch.Tensor  # [cols, in]
     b_t: torch.Tensor  # [cols, out], scale folded in
 
     def __call__(self, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
         return lora_delta(x, self.a, self.b_t, lora)
-
-
-def target_projections(model: CausalLM) -> dict[tuple[int, str], Projection]:
-    """(layer index, projection name) -> the model's Projection module."""
-    found: dict[tuple[int, str], Projection] = {}
-    for index, layer in enumerate(model.model.layers):
-        for name in PROJECTIONS:
-            parent = layer.self_attn if name in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
-            found[(index, name)] = getattr(parent, name)
-    return found
 
 
 class ColumnAllocator:
@@ -93,7 +83,7 @@ class ResidentAdapters:
     """
 
     def __init__(self, model: CausalLM, max_active: int, max_bytes: int) -> None:
-        self.projections = target_projections(model)
+        self.projections: dict[tuple[int, str], LoraTarget] = model.lora_targets()
         for module in self.projections.values():
             module.lora = None  # this tier owns the model's LoRA buffers from now on
         self.max_active, self.max_bytes = max_active, max_bytes
@@ -155,8 +145,8 @@ class ResidentAdapters:
             return
         new_capacity = max(columns, 2 * self.capacity, 16)
         for module in self.projections.values():
-            a = module.weight.new_zeros(new_capacity, module.in_features)  # [cols, in]
-            b_t = module.weight.new_zeros(new_capacity, module.out_features)  # [cols, out]
+            a = torch.zeros(new_capacity, module.in_features, device=self.device, dtype=self.dtype)  # [cols, in]
+            b_t = torch.zeros(new_capacity, module.out_features, device=self.device, dtype=self.dtype)  # [cols, out]
             if module.lora is not None:
                 a[: self.capacity] = module.lora.a
                 b_t[: self.capacity] = module.lora.b_t

@@ -42,8 +42,6 @@ class ModelRunner:
             start += len(span)
         return torch.stack(last)
 
-
-
     def build_batch(self, plan: BatchPlan) -> ForwardBatch:
         requests = plan.requests
         if plan.is_decode:
@@ -54,14 +52,16 @@ class ModelRunner:
             ids = [t for r in requests for t in r.prompt_ids]
             positions = [p for r in requests for p in range(r.num_prompt_tokens)]
             query_lens = [r.num_prompt_tokens for r in requests]
+        slots = [r.slot for r in requests]
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             positions=torch.tensor(positions, dtype=torch.long, device=self.device),
-            slots=torch.tensor([r.slot for r in requests], dtype=torch.long, device=self.device),
+            slots=torch.tensor(slots, dtype=torch.long, device=self.device),
             query_lens=query_lens,
             context_lens=[r.total_tokens for r in requests],
             is_decode=plan.is_decode,
             lora=self.adapters.batch_for([r.adapter for r in requests], query_lens),
+            dense_slots=plan.is_decode and slots == list(range(len(slots))),
         )
 
 

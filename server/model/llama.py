@@ -1,8 +1,9 @@
 """A Llama-family decoder (Llama, Mistral, Qwen2, SmolLM) written for ragged continuous batches.
 
 One forward pass takes a ForwardBatch: the new tokens of every sequence flattened into one row,
-and the KV-cache slot of each sequence. Linear layers run once over all tokens; attention runs
-batched for decode steps and per sequence for prefills. Weights load from HF safetensors names.
+and the KV-cache slot of each sequence. Linear layers run once over all tokens (q/k/v and gate/up
+fused into one matmul each); attention runs batched for decode steps and per sequence for
+prefills. Weights load from HF safetensors names and are fused at load.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class ForwardBatch:
     is_decode: bool
     lora: Any = None  # per-row adapter plan, consumed by LoRA-wrapped projections
     logit_rows: Optional[torch.Tensor] = None  # [rows] tokens to return logits for; default: each last
+    dense_slots: bool = False  # decode: slots are exactly 0..seqs-1, so attention reads a cache view
 
     @property
     def last_token_rows(self) -> torch.Tensor:  # [seqs] index of each sequence's last token
@@ -92,19 +94,80 @@ class ForwardBatch:
         return ends - 1
 
 
-class Projection(nn.Linear):
-    """A linear layer that receives the batch, so packed LoRA adapters can add per-row deltas.
+@dataclass
+class StepTensors:
+    """What every layer of one forward pass shares, computed once per pass instead of per layer."""
 
-    `lora` is set by the adapter tier (server.adapters.lora.PackedLora); the model never imports it.
+    batch: ForwardBatch
+    kv: KVStore
+    cos: torch.Tensor  # [tokens, 1, head_dim]
+    sin: torch.Tensor  # [tokens, 1, head_dim]
+    decode_mask: Optional[torch.Tensor] = None  # [seqs, 1, 1, longest] bool, decode steps only
+
+
+class LoraTarget(nn.Module):
+    """Where the adapter tier hangs one projection's packed LoRA (`lora`, a PackedLora or None).
+
+    The model never imports the adapter code; it only calls `lora(x, batch.lora)` for a delta.
     """
 
-    lora: Any = None
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.lora: Any = None
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch | None = None) -> torch.Tensor:
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, batch: ForwardBatch) -> None:
+        """y += this projection's LoRA delta for the batch's rows (y may be a column slice)."""
+        if self.lora is not None and batch.lora is not None:
+            y += self.lora(x, batch.lora)
+
+
+class Projection(nn.Linear):
+    """A linear layer that receives the batch, so packed LoRA adapters can add per-row deltas."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias=bias)
+        self.target = LoraTarget(in_features, out_features)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.lora is not None and batch is not None and batch.lora is not None:
-            y = y + self.lora(x, batch.lora)
+        self.target.add_delta(y, x, batch)
         return y
+
+
+class FusedProjection(nn.Module):
+    """Several projections of the same input (q/k/v, gate/up) as one matmul: fewer, larger ops
+    per step. Each part keeps its own LoraTarget, so adapters still see q_proj, k_proj, ..."""
+
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool) -> None:
+        super().__init__()
+        self.names, self.sizes = tuple(parts), tuple(parts.values())
+        self.weight = nn.Parameter(torch.empty(sum(self.sizes), in_features))
+        self.bias = nn.Parameter(torch.empty(sum(self.sizes))) if bias else None
+        self.targets = nn.ModuleDict({n: LoraTarget(in_features, size) for n, size in parts.items()})
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Returns the parts side by side: [tokens, sum(sizes)]."""
+        y = F.linear(x, self.weight, self.bias)
+        if batch.lora is not None:
+            start = 0
+            for name, size in zip(self.names, self.sizes):
+                self.targets[name].add_delta(y[:, start : start + size], x, batch)
+                start += size
+        return y
+
+
+def fuse_checkpoint(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Concatenate HF's separate q/k/v and gate/up weights into the fused projections' weights."""
+    groups = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+              "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+    for i in range(num_layers):
+        for fused, parts in groups.items():
+            for kind in ("weight", "bias"):
+                keys = [f"model.layers.{i}.{part}.{kind}" for part in parts]
+                if all(k in state for k in keys):
+                    state[f"model.layers.{i}.{fused}.{kind}"] = torch.cat([state.pop(k) for k in keys])
+    return state
 
 
 class RMSNorm(nn.Module):
@@ -114,8 +177,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # normalised in fp32 like the reference implementation, then scaled in the model dtype
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * h.to(x.dtype)
 
 
@@ -128,13 +191,15 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos().float(), persistent=False)
         self.register_buffer("sin", emb.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [tokens, heads, head_dim]
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for these positions: [tokens, 1, head_dim] each."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [tokens, heads, head_dim] rotated by its positions' angles (cos/sin: [tokens, 1, head_dim])."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
 class Attention(nn.Module):
@@ -142,35 +207,37 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Projection(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.k_proj = Projection(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.v_proj = Projection(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.o_proj = Projection(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        parts = {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}
+        self.qkv_proj = FusedProjection(cfg.hidden_size, parts, bias=cfg.attention_bias)
+        self.o_proj = Projection(q_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: Rotary, kv: KVStore) -> torch.Tensor:
-        tokens = x.shape[0]
-        q = rotary(self.q_proj(x, batch).view(tokens, self.num_heads, self.head_dim), batch.positions)
-        k = rotary(self.k_proj(x, batch).view(tokens, self.num_kv_heads, self.head_dim), batch.positions)
-        v = self.v_proj(x, batch).view(tokens, self.num_kv_heads, self.head_dim)
-        k_cache, v_cache = kv.layer(self.layer_index)  # [slots, kv_heads, capacity, head_dim]
-        if batch.is_decode:
-            out = self._decode(q, k, v, k_cache, v_cache, batch)
+    def lora_targets(self) -> dict[str, LoraTarget]:
+        return {**self.qkv_proj.targets, "o_proj": self.o_proj.target}
+
+    def forward(self, x: torch.Tensor, step: StepTensors) -> torch.Tensor:
+        tokens, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x, step.batch).view(tokens, heads + 2 * kv_heads, self.head_dim)
+        qk = rotate(qkv[:, : heads + kv_heads], step.cos, step.sin)  # q and k rotated in one pass
+        q, k, v = qk[:, :heads], qk[:, heads:], qkv[:, heads + kv_heads :]
+        k_cache, v_cache = step.kv.layer(self.layer_index)  # [slots, kv_heads, capacity, head_dim]
+        if step.batch.is_decode:
+            out = self._decode(q, k, v, k_cache, v_cache, step)
         else:
-            out = self._prefill(q, k, v, k_cache, v_cache, batch)
-        return self.o_proj(out.reshape(tokens, -1), batch)
+            out = self._prefill(q, k, v, k_cache, v_cache, step.batch)
+        return self.o_proj(out.reshape(tokens, -1), step.batch)
 
-    def _decode(self, q, k, v, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
+    def _decode(self, q, k, v, k_cache, v_cache, step: StepTensors) -> torch.Tensor:
         # q: [seqs, heads, dim]; one new token per sequence, written at position context_len - 1
+        batch = step.batch
         k_cache[batch.slots, :, batch.positions] = k
         v_cache[batch.slots, :, batch.positions] = v
-        longest = max(batch.context_lens)
-        seqs = len(batch.context_lens)
-        if bool((batch.slots == torch.arange(seqs, device=batch.slots.device)).all()):
+        longest, seqs = max(batch.context_lens), len(batch.context_lens)
+        if batch.dense_slots:
             keys, values = k_cache[:seqs, :, :longest], v_cache[:seqs, :, :longest]  # views, no copy
         else:
             keys, values = k_cache[batch.slots, :, :longest], v_cache[batch.slots, :, :longest]
-        lens = torch.tensor(batch.context_lens, device=q.device)
-        mask = (torch.arange(longest, device=q.device)[None, :] < lens[:, None])[:, None, None, :]
+        mask = step.decode_mask
         out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, enable_gqa=True)
         return out.squeeze(2)  # [seqs, heads, dim]
 
@@ -197,12 +264,17 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ArchConfig) -> None:
         super().__init__()
-        self.gate_proj = Projection(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = Projection(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.intermediate_size = cfg.intermediate_size
+        parts = {"gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}
+        self.gate_up_proj = FusedProjection(cfg.hidden_size, parts, bias=False)
         self.down_proj = Projection(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
+    def lora_targets(self) -> dict[str, LoraTarget]:
+        return {**self.gate_up_proj.targets, "down_proj": self.down_proj.target}
+
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x, batch)) * self.up_proj(x, batch), batch)
+        gate, up = self.gate_up_proj(x, batch).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up, batch)
 
 
 class DecoderLayer(nn.Module):
@@ -213,9 +285,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, rotary: Rotary, kv: KVStore) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, rotary, kv)
-        return x + self.mlp(self.post_attention_layernorm(x), batch)
+    def forward(self, x: torch.Tensor, step: StepTensors) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), step)
+        return x + self.mlp(self.post_attention_layernorm(x), step.batch)
 
 
 class Backbone(nn.Module):
@@ -239,11 +311,26 @@ class CausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, kv: KVStore) -> torch.Tensor:
         h = self.model.embed_tokens(batch.input_ids)  # [tokens, hidden]
+        step = self.step_tensors(batch, kv, h.dtype)
         for layer in self.model.layers:
-            h = layer(h, batch, self.rotary, kv)
+            h = layer(h, step)
         rows = batch.last_token_rows if batch.logit_rows is None else batch.logit_rows
         h = self.model.norm(h[rows])  # [rows, hidden]
         return self.lm_head(h).float()  # [rows, vocab]
+
+    def lora_targets(self) -> dict[tuple[int, str], LoraTarget]:
+        """(layer index, projection name) -> where that projection's LoRA hangs."""
+        return {(i, name): target for i, layer in enumerate(self.model.layers)
+                for part in (layer.self_attn, layer.mlp) for name, target in part.lora_targets().items()}
+
+    def step_tensors(self, batch: ForwardBatch, kv: KVStore, dtype: torch.dtype) -> StepTensors:
+        cos, sin = self.rotary.tables(batch.positions, dtype)
+        step = StepTensors(batch, kv, cos, sin)
+        if batch.is_decode:
+            lens = torch.tensor(batch.context_lens, device=batch.input_ids.device)
+            longest = torch.arange(max(batch.context_lens), device=lens.device)
+            step.decode_mask = (longest[None, :] < lens[:, None])[:, None, None, :]
+        return step
 
     @classmethod
     def from_pretrained(cls, model_dir: Path, device: torch.device, dtype: torch.dtype) -> "CausalLM":
@@ -253,6 +340,7 @@ class CausalLM(nn.Module):
         state = _read_safetensors(model_dir)
         if cfg.tie_word_embeddings or "lm_head.weight" not in state:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        state = fuse_checkpoint(state, cfg.num_layers)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         missing = [m for m in missing if not m.startswith("rotary.")]
         if missing:
