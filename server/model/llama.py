@@ -349,6 +349,13 @@ class CausalLM(nn.Module):
         return model.to(device=device, dtype=dtype).eval()
 
 
+def prefer_planless_attention() -> None:
+    """Keep scaled_dot_product_attention off cuDNN on CUDA: cuDNN builds an execution plan for
+    every new KV length, i.e. every decode step (1.5 ms of host time per call, measured on an
+    H100); the flash and memory-efficient kernels need no plan."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from server.config import ModelConfig
 from server.model.default_model import DEFAULT_MODEL_NAME, default_model_dir
-from server.model.llama import CausalLM
+from server.model.llama import CausalLM, prefer_planless_attention
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ def load_model(config: ModelConfig) -> LoadedModel:
     device = pick_device(config.device)
     dtype = pick_dtype(config.dtype, device)
     log.info("loading %s from %s on %s as %s", name, model_dir, device, dtype)
+    if device.type == "cuda":
+        prefer_planless_attention()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = CausalLM.from_pretrained(model_dir, device, dtype)
     return LoadedModel(name, model_dir, model, tokenizer, device, dtype)

@@ -1,0 +1,255 @@
+"""Decode-step time against the memory-bandwidth floor, base model vs a mix of adapters.
+
+Runs the engine's own model, KV cache, LoRA tier and runner (no HTTP) on random weights in a
+realistic shape; throughput does not depend on the weight values, and EOS is never checked.
+
+  python bench/gpu_decode.py                                           # Llama-3-8B shape, bf16, CUDA
+  python bench/gpu_decode.py --shape tiny --device cpu --dtype float32  # seconds; what CI runs
+
+The floor of one decode step is the bytes it must read (every weight once, plus the KV cache of
+every sequence, plus the packed LoRA columns the step uses) over the copy bandwidth measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from server.adapters.lora import ResidentAdapters  # noqa: E402
+from server.adapters.weights import AdapterKey, AdapterWeights  # noqa: E402
+from server.engine.kv_cache import KVCache  # noqa: E402
+from server.engine.request import Request, SamplingParams, StopCriteria  # noqa: E402
+from server.engine.runner import ModelRunner  # noqa: E402
+from server.engine.scheduler import BatchPlan, StepKind  # noqa: E402
+from server.model.llama import ArchConfig, CausalLM, prefer_planless_attention  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+SHAPES = {  # HF config.json fields
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, max_position_embeddings=8192,
+                         tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, max_position_embeddings=2048),
+}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    shape: str
+    device: str
+    dtype: str
+    batches: tuple[int, ...]
+    adapters: int
+    rank: int
+    context: int
+    steps: int
+    warmup: int
+
+
+@dataclass(frozen=True)
+class StepResult:
+    batch: int
+    mode: str  # base | mixed
+    step_ms: float
+    tokens_per_s: float
+    floor_ms: float
+
+    @property
+    def over_floor(self) -> float:
+        return self.step_ms / self.floor_ms
+
+
+def build_model(cfg: BenchConfig) -> CausalLM:
+    arch = ArchConfig.from_hf({"model_type": "llama", **SHAPES[cfg.shape]})
+    torch.manual_seed(0)
+    if cfg.device == "cuda":
+        prefer_planless_attention()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, cfg.dtype))
+    try:
+        with torch.device(cfg.device):
+            model = CausalLM(arch)  # random init, made on the device itself
+    finally:
+        torch.set_default_dtype(default)
+    if arch.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval()
+
+
+def random_adapters(model: CausalLM, count: int, rank: int) -> list[AdapterWeights]:
+    """`count` rank-`rank` adapters on every projection of every layer (the heaviest LoRA case)."""
+    adapters = []
+    for i in range(count):
+        modules = {key: (torch.randn(rank, t.in_features) * 0.01, torch.randn(t.out_features, rank) * 0.01)
+                   for key, t in model.lora_targets().items()}
+        adapters.append(AdapterWeights(AdapterKey("local", f"random-{i}"), rank, modules))
+    return adapters
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 1024) -> float:
+    """Bytes per second a device copy moves (read + write), the best of several runs."""
+    src = torch.empty(megabytes * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(10):
+        sync(device)
+        started = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - started)
+    return 2 * src.numel() / best
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_requests(batch: int, context: int, vocab: int, adapters: list[AdapterWeights]) -> list[Request]:
+    requests = []
+    for i in range(batch):
+        prompt = torch.randint(0, vocab, (context,)).tolist()
+        request = Request(prompt_ids=prompt, params=SamplingParams(), detokenizer=None, sink=lambda event: None,
+                          stop=StopCriteria(max_new_tokens=1 << 20, ignore_eos=True),
+                          adapter=adapters[i % len(adapters)] if adapters else None)
+        request.slot = i
+        requests.append(request)
+    return requests
+
+
+def run_decode(runner: ModelRunner, requests: list[Request], cfg: BenchConfig) -> float:
+    """Prefill the batch, then time `steps` decode steps; returns seconds per step."""
+    device = runner.device
+    runner.kv.ensure_capacity(cfg.context + cfg.warmup + cfg.steps + 1)
+    for request in requests:  # one prefill each keeps the prefill budget out of the picture
+        next_ids = runner.run(BatchPlan(StepKind.PREFILL, (request,))).argmax(-1)
+        request.output_ids.append(int(next_ids[0]))
+    plan = BatchPlan(StepKind.DECODE, tuple(requests))
+    for step in range(cfg.warmup + cfg.steps):
+        if step == cfg.warmup:
+            sync(device)
+            started = time.perf_counter()
+        next_ids = runner.run(plan).argmax(-1).tolist()  # [batch]; the host needs them, as in serving
+        for request, token in zip(requests, next_ids):
+            request.output_ids.append(token)
+    sync(device)
+    return (time.perf_counter() - started) / cfg.steps
+
+
+def floor_seconds(model: CausalLM, runner: ModelRunner, batch: int, cfg: BenchConfig, bandwidth: float,
+                  lora_columns: int) -> float:
+    element = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
+    weights = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n) * element
+    if model.config.tie_word_embeddings:
+        weights += model.lm_head.weight.numel() * element
+    kv_per_token = 2 * model.config.num_layers * model.config.num_kv_heads * model.config.head_dim * element
+    kv = batch * (cfg.context + cfg.warmup + cfg.steps // 2) * kv_per_token
+    lora = lora_columns * sum(t.in_features + t.out_features for t in model.lora_targets().values()) * element
+    return (weights + kv + lora) / bandwidth
+
+
+def run(cfg: BenchConfig) -> dict:
+    device = torch.device(cfg.device)
+    model = build_model(cfg)
+    kv = KVCache(model.config, max(cfg.batches), cfg.context + cfg.warmup + cfg.steps + 1, device,
+                 getattr(torch, cfg.dtype))
+    resident = ResidentAdapters(model, cfg.adapters, 1 << 40)
+    adapters = random_adapters(model, cfg.adapters, cfg.rank)
+    for adapter in adapters:
+        assert resident.activate(adapter, pinned=set())
+    runner = ModelRunner(model, kv, resident, device)
+    bandwidth = copy_bandwidth(device)
+    results = []
+    with torch.inference_mode():
+        for batch in cfg.batches:
+            for mode, mix in (("base", []), ("mixed", adapters)):
+                seconds = run_decode(runner, make_requests(batch, cfg.context, model.config.vocab_size, mix), cfg)
+                columns = min(batch, len(mix)) * cfg.rank
+                floor = floor_seconds(model, runner, batch, cfg, bandwidth, columns)
+                results.append(StepResult(batch, mode, seconds * 1e3, batch / seconds, floor * 1e3))
+                print(f"batch {batch:3d} {mode:5s}: {seconds * 1e3:8.2f} ms/step  {batch / seconds:9.1f} tok/s  "
+                      f"floor {floor * 1e3:7.2f} ms ({seconds / floor:.2f}x)", flush=True)
+    return report(cfg, model, bandwidth, results)
+
+
+def profile(cfg: BenchConfig) -> None:
+    """Where a decode step's time goes: the first batch size, base model."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    device = torch.device(cfg.device)
+    model = build_model(cfg)
+    kv = KVCache(model.config, max(cfg.batches), cfg.context + cfg.warmup + cfg.steps + 1, device,
+                 getattr(torch, cfg.dtype))
+    runner = ModelRunner(model, kv, ResidentAdapters(model, 1, 1 << 40), device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.inference_mode(), torch_profile(activities=activities) as prof:
+        run_decode(runner, make_requests(cfg.batches[0], cfg.context, model.config.vocab_size, []), cfg)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+
+
+def report(cfg: BenchConfig, model: CausalLM, bandwidth: float, results: list[StepResult]) -> dict:
+    by_key = {(r.batch, r.mode): r for r in results}
+    mixed_vs_base = {b: by_key[(b, "mixed")].tokens_per_s / by_key[(b, "base")].tokens_per_s for b in cfg.batches}
+    device_name = torch.cuda.get_device_name() if cfg.device == "cuda" else platform.processor() or "cpu"
+    return {
+        "config": asdict(cfg),
+        "device_name": device_name,
+        "torch": torch.__version__,
+        "commit": _commit(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "results": [{**asdict(r), "over_floor": r.over_floor} for r in results],
+        "mixed_vs_base": mixed_vs_base,
+    }
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--batches", default="1,8,32,64")
+    parser.add_argument("--adapters", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the decode steps")
+    parser.add_argument("--out", type=Path, default=None, help="result JSON (default: bench/results/...)")
+    args = parser.parse_args(argv)
+    cfg = BenchConfig(args.shape, args.device, args.dtype, tuple(int(b) for b in args.batches.split(",")),
+                      args.adapters, args.rank, args.context, args.steps, args.warmup)
+    if args.profile:
+        profile(cfg)
+        return {}
+    result = run(cfg)
+    out = args.out or RESULTS / f"gpu_decode-{cfg.shape}-{cfg.device}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
