@@ -195,3 +195,26 @@ def references(adapter_root, loaded) -> dict[tuple[str | None, str], list[int]]:
             adapter_dir = adapter_root / name / "1" if name else None
             refs[(name, prompt)] = peft_greedy(loaded.model_dir, adapter_dir, ids, NEW_TOKENS)
     return refs
+
+
+def metrics_of(url: str) -> dict[tuple[str, tuple], float]:
+    """One /metrics scrape as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    return metrics_of(url).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_until(condition, timeout: float, period: float = 0.05) -> float:
+    """Poll until `condition()` is true; returns the seconds it took, or fails the test at `timeout`."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            pytest.fail(f"condition not met within {timeout} s")
+        time.sleep(period)
+    return time.monotonic() - started
