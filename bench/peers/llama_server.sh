@@ -37,8 +37,8 @@ PY
 
 convert() {
   local dir=$1 out=$2
-  "$PY" "$ROOT/llama.cpp/convert_lora_to_gguf.py" --outtype f32 --outfile "$out" "$dir" \
-    --base-model-id HuggingFaceTB/SmolLM2-135M-Instruct >/dev/null
+  local base=${LORASERVE_HOME:-$HOME/.cache/loraserve}/models/SmolLM2-135M-Instruct
+  "$PY" "$ROOT/llama.cpp/convert_lora_to_gguf.py" --outtype f32 --outfile "$out" --base "$base" "$dir" >/dev/null
 }
 
 start() {
