@@ -88,7 +88,7 @@ class Loraserve(Peer):
         self.adapters = [f"{n}/1" for n in names]
         server = ServerProcess("--threads", str(self.threads), "--max-batch-size", "32",
                                "--max-active-adapters", str(max(8, len(names))),
-                               env={"LORASERVE_ADAPTERS_DIR": str(adapters_dir)}).wait_ready(timeout=600)
+                               env={"LORASERVE_ADAPTERS_DIR": str(adapters_dir)}, dtype="auto").wait_ready(timeout=600)
         self.proc, self.url = server.proc, server.url
 
     def body(self, prompt: str, max_tokens: int, adapter: Optional[int]) -> dict:

@@ -103,7 +103,7 @@ def main() -> None:
         make_adapters(adapters_dir, base, names + cold, args.rank)
         (ROOT / ".pytest_cache").mkdir(exist_ok=True)
         server = ServerProcess("--max-active-adapters", str(args.adapters + len(cold)),
-                               env={"LORASERVE_ADAPTERS_DIR": str(adapters_dir)}).wait_ready()
+                               env={"LORASERVE_ADAPTERS_DIR": str(adapters_dir)}, dtype="auto").wait_ready()
         try:
             info = httpx.get(server.url + "/info", timeout=10).json()
             runs = {"base": [], "mixed": []}

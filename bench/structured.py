@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     (ROOT / ".pytest_cache").mkdir(exist_ok=True)
-    server = ServerProcess().wait_ready()
+    server = ServerProcess(dtype="auto").wait_ready()
     plain = {"max_new_tokens": args.max_new_tokens, "ignore_eos_token": True}
     constrained = {"max_new_tokens": args.max_new_tokens,
                    "response_format": {"type": "json_object", "schema": LONG_SCHEMA}}

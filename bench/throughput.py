@@ -138,7 +138,7 @@ def main() -> None:
     server = None
     if args.url is None:
         (ROOT / ".pytest_cache").mkdir(exist_ok=True)
-        server = ServerProcess(*args.server_args.split()).wait_ready()
+        server = ServerProcess(*args.server_args.split(), dtype="auto").wait_ready()
     url = args.url or server.url
     try:
         info = httpx.get(url + "/info", timeout=10).json()

@@ -75,10 +75,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *extra_args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *extra_args: str, env: dict[str, str] | None = None, dtype: str = "float32") -> None:
+        """dtype: float32 by default, so outputs match the in-process fp32 references; benchmarks pass auto."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(self.port), *extra_args]
+        cmd = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--dtype", dtype, *extra_args]
         self.log = open(ROOT / ".pytest_cache" / f"server-{self.port}.log", "w") if (ROOT / ".pytest_cache").is_dir() \
             else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from server.adapters.weights import PROJECTIONS, AdapterWeights
+from server.adapters.weights import AdapterWeights
 from server.model.llama import CausalLM, LoraTarget
 
 

@@ -53,7 +53,8 @@ def parse_tools(tools: Optional[list[dict]], tool_choice: Any) -> Optional[ToolP
         _check(tool_choice in (None, "none", "auto") or not tools, "tool_choice needs tools")
         return None
     _check(len(tools) <= MAX_TOOLS, f"at most {MAX_TOOLS} tools")
-    _check(nesting_depth(tools) <= MAX_SCHEMA_DEPTH, f"tool definitions are nested more than {MAX_SCHEMA_DEPTH} levels deep")
+    _check(nesting_depth(tools) <= MAX_SCHEMA_DEPTH,
+           f"tool definitions are nested more than {MAX_SCHEMA_DEPTH} levels deep")
     _check(len(json.dumps(tools)) <= MAX_TOOLS_BYTES, f"tool definitions are larger than {MAX_TOOLS_BYTES} bytes")
     parsed = tuple(_tool(t) for t in tools)
     _check(len({t.name for t in parsed}) == len(parsed), "tool names must be unique")
