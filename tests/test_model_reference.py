@@ -47,3 +47,26 @@ def test_prefill_logits_match_transformers(loaded, reference):
         for row, prompt_ids in enumerate(ids):
             theirs = reference(torch.tensor([prompt_ids])).logits[0, -1]
             torch.testing.assert_close(ours[row], theirs, atol=1e-3, rtol=1e-3)
+
+
+def test_bfloat16_is_as_accurate_as_transformers_bfloat16(loaded, reference):
+    """The bf16 path (the CPU default where bf16 is native): its prefill logits are no further from
+    the fp32 reference than transformers' own bf16 model is."""
+    from server.engine.kv_cache import KVCache
+    from server.model.llama import CausalLM, ForwardBatch
+
+    ours_bf16 = CausalLM.from_pretrained(loaded.model_dir, torch.device("cpu"), torch.bfloat16)
+    theirs_bf16 = AutoModelForCausalLM.from_pretrained(loaded.model_dir, dtype=torch.bfloat16).eval()
+    for prompt in PROMPTS:
+        ids = loaded.tokenizer(prompt)["input_ids"]
+        kv = KVCache(ours_bf16.config, 1, 64, torch.device("cpu"), torch.bfloat16)
+        kv.ensure_capacity(len(ids))
+        batch = ForwardBatch(input_ids=torch.tensor(ids), positions=torch.arange(len(ids)), slots=torch.tensor([0]),
+                             query_lens=[len(ids)], context_lens=[len(ids)], is_decode=False)
+        with torch.no_grad():
+            exact = reference(torch.tensor([ids])).logits[0, -1]
+            ours = ours_bf16(batch, kv)[0]
+            theirs = theirs_bf16(torch.tensor([ids])).logits[0, -1].float()
+        ours_err, theirs_err = ((x - exact).norm() / exact.norm() for x in (ours, theirs))
+        assert ours_err < 0.05 and ours_err <= 1.5 * theirs_err + 1e-3, (prompt, ours_err, theirs_err)
+        assert ours.argmax() == exact.argmax()
