@@ -13,6 +13,7 @@ every sequence, plus the packed LoRA columns the step uses) over the copy bandwi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import subprocess
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from server.adapters.lora import ResidentAdapters  # noqa: E402
 from server.adapters.weights import AdapterKey, AdapterWeights  # noqa: E402
+from server.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from server.engine.kv_cache import KVCache  # noqa: E402
 from server.engine.request import Request, SamplingParams, StopCriteria  # noqa: E402
 from server.engine.runner import ModelRunner  # noqa: E402
@@ -57,12 +59,14 @@ class BenchConfig:
     context: int
     steps: int
     warmup: int
+    graphs: bool  # CUDA only: also time decode replayed from CUDA graphs
 
 
 @dataclass(frozen=True)
 class StepResult:
     batch: int
     mode: str  # base | mixed
+    graphs: bool
     step_ms: float
     tokens_per_s: float
     floor_ms: float
@@ -132,21 +136,28 @@ def make_requests(batch: int, context: int, vocab: int, adapters: list[AdapterWe
 
 def run_decode(runner: ModelRunner, requests: list[Request], cfg: BenchConfig) -> float:
     """Prefill the batch, then time `steps` decode steps; returns seconds per step."""
-    device = runner.device
+    prefill(runner, requests, cfg)
+    decode(runner, requests, cfg.warmup)
+    sync(runner.device)
+    started = time.perf_counter()
+    decode(runner, requests, cfg.steps)
+    sync(runner.device)
+    return (time.perf_counter() - started) / cfg.steps
+
+
+def prefill(runner: ModelRunner, requests: list[Request], cfg: BenchConfig) -> None:
     runner.kv.ensure_capacity(cfg.context + cfg.warmup + cfg.steps + 1)
     for request in requests:  # one prefill each keeps the prefill budget out of the picture
         next_ids = runner.run(BatchPlan(StepKind.PREFILL, (request,))).argmax(-1)
         request.output_ids.append(int(next_ids[0]))
+
+
+def decode(runner: ModelRunner, requests: list[Request], steps: int) -> None:
     plan = BatchPlan(StepKind.DECODE, tuple(requests))
-    for step in range(cfg.warmup + cfg.steps):
-        if step == cfg.warmup:
-            sync(device)
-            started = time.perf_counter()
+    for _ in range(steps):
         next_ids = runner.run(plan).argmax(-1).tolist()  # [batch]; the host needs them, as in serving
         for request, token in zip(requests, next_ids):
             request.output_ids.append(token)
-    sync(device)
-    return (time.perf_counter() - started) / cfg.steps
 
 
 def floor_seconds(model: CausalLM, runner: ModelRunner, batch: int, cfg: BenchConfig, bandwidth: float,
@@ -170,19 +181,45 @@ def run(cfg: BenchConfig) -> dict:
     adapters = random_adapters(model, cfg.adapters, cfg.rank)
     for adapter in adapters:
         assert resident.activate(adapter, pinned=set())
-    runner = ModelRunner(model, kv, resident, device)
+    runners = {False: ModelRunner(model, kv, resident, device)}
+    if cfg.graphs and device.type == "cuda":
+        runners[True] = ModelRunner(model, kv, resident, device, DecodeGraphs(model, kv, resident, max(cfg.batches)))
     bandwidth = copy_bandwidth(device)
     results = []
     with torch.inference_mode():
+        verified = verify_graphs(runners, model, adapters, cfg) if True in runners else None
         for batch in cfg.batches:
-            for mode, mix in (("base", []), ("mixed", adapters)):
+            for (mode, mix), (graphed, runner) in itertools.product((("base", []), ("mixed", adapters)),
+                                                                    runners.items()):
                 seconds = run_decode(runner, make_requests(batch, cfg.context, model.config.vocab_size, mix), cfg)
                 columns = min(batch, len(mix)) * cfg.rank
                 floor = floor_seconds(model, runner, batch, cfg, bandwidth, columns)
-                results.append(StepResult(batch, mode, seconds * 1e3, batch / seconds, floor * 1e3))
-                print(f"batch {batch:3d} {mode:5s}: {seconds * 1e3:8.2f} ms/step  {batch / seconds:9.1f} tok/s  "
-                      f"floor {floor * 1e3:7.2f} ms ({seconds / floor:.2f}x)", flush=True)
-    return report(cfg, model, bandwidth, results)
+                results.append(StepResult(batch, mode, graphed, seconds * 1e3, batch / seconds, floor * 1e3))
+                engine = "graphs" if graphed else "eager"
+                print(f"batch {batch:3d} {mode:5s} {engine:6s}: {seconds * 1e3:8.2f} ms/step  {batch / seconds:9.1f} "
+                      f"tok/s  floor {floor * 1e3:7.2f} ms ({seconds / floor:.2f}x)", flush=True)
+    return {**report(cfg, model, bandwidth, results), "graphs_vs_eager": verified}
+
+
+def verify_graphs(runners: dict[bool, ModelRunner], model: CausalLM, adapters: list[AdapterWeights],
+                  cfg: BenchConfig, rows: int = 3, steps: int = 4) -> dict:
+    """The graphed decode step computes what the eager one does: same rows (mixed adapters and a
+    base row, padded to a bucket), same KV; largest relative difference of the logits over a few steps."""
+    requests = make_requests(rows, 16, model.config.vocab_size, [*adapters[: rows - 1], None])
+    eager, graphed = runners[False], runners[True]
+    eager.kv.ensure_capacity(16 + steps + 1)
+    for request in requests:
+        request.output_ids.append(int(eager.run(BatchPlan(StepKind.PREFILL, (request,))).argmax(-1)[0]))
+    plan, worst, same_argmax = BatchPlan(StepKind.DECODE, tuple(requests)), 0.0, True
+    for _ in range(steps):  # both write the same K/V at the same place, so running both is harmless
+        expected = eager.run(plan).float()
+        got = graphed.run(plan).float()
+        worst = max(worst, float((got - expected).norm() / expected.norm()))
+        same_argmax &= bool((got.argmax(-1) == expected.argmax(-1)).all())
+        for request, token in zip(requests, expected.argmax(-1).tolist()):
+            request.output_ids.append(token)
+    print(f"graphs vs eager: worst relative logit difference {worst:.2e}, same argmax {same_argmax}", flush=True)
+    return {"worst_relative_difference": worst, "same_argmax": same_argmax}
 
 
 def profile(cfg: BenchConfig) -> None:
@@ -196,14 +233,21 @@ def profile(cfg: BenchConfig) -> None:
                  getattr(torch, cfg.dtype))
     runner = ModelRunner(model, kv, ResidentAdapters(model, 1, 1 << 40), device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.inference_mode(), torch_profile(activities=activities) as prof:
-        run_decode(runner, make_requests(cfg.batches[0], cfg.context, model.config.vocab_size, []), cfg)
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+    requests = make_requests(cfg.batches[0], cfg.context, model.config.vocab_size, [])
+    with torch.inference_mode():
+        prefill(runner, requests, cfg)
+        decode(runner, requests, cfg.warmup)
+        with torch_profile(activities=activities) as prof:
+            decode(runner, requests, cfg.steps)
+    order = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=order, row_limit=30))
 
 
 def report(cfg: BenchConfig, model: CausalLM, bandwidth: float, results: list[StepResult]) -> dict:
-    by_key = {(r.batch, r.mode): r for r in results}
-    mixed_vs_base = {b: by_key[(b, "mixed")].tokens_per_s / by_key[(b, "base")].tokens_per_s for b in cfg.batches}
+    by_key = {(r.batch, r.mode, r.graphs): r for r in results}
+    best = max(r.graphs for r in results)  # graphed numbers where they were taken
+    mixed_vs_base = {b: by_key[(b, "mixed", best)].tokens_per_s / by_key[(b, "base", best)].tokens_per_s
+                     for b in cfg.batches}
     device_name = torch.cuda.get_device_name() if cfg.device == "cuda" else platform.processor() or "cpu"
     return {
         "config": asdict(cfg),
@@ -235,11 +279,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=4)
+    parser.add_argument("--no-graphs", dest="graphs", action="store_false", help="eager decode only")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the decode steps")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default: bench/results/...)")
     args = parser.parse_args(argv)
     cfg = BenchConfig(args.shape, args.device, args.dtype, tuple(int(b) for b in args.batches.split(",")),
-                      args.adapters, args.rank, args.context, args.steps, args.warmup)
+                      args.adapters, args.rank, args.context, args.steps, args.warmup, args.graphs)
     if args.profile:
         profile(cfg)
         return {}

@@ -27,11 +27,13 @@ class ModelConfig:
     device: str = "auto"
     dtype: str = "auto"
     threads: int = 0
+    cuda_graph_max_batch_size: int = 64  # decode steps up to this many rows replay CUDA graphs; 0 = off
 
     def __post_init__(self) -> None:
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         _check_min("threads", self.threads, 0)
+        _check_min("cuda_graph_max_batch_size", self.cuda_graph_max_batch_size, 0)
 
 
 @dataclass(frozen=True)

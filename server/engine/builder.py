@@ -10,6 +10,7 @@ from server.adapters.lora import ResidentAdapters
 from server.adapters.store import SOURCE_NAMES, AdapterStore, AdapterStoreConfig
 from server.config import AdapterConfig, Settings
 from server.engine.async_engine import AsyncEngine
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.engine import Engine
 from server.engine.kv_cache import KVCache
@@ -30,7 +31,10 @@ def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> Async
     resident = ResidentAdapters(loaded.model, limits.max_active_adapters, limits.max_adapter_memory_mb * 2**20)
     budget = SchedulerBudget(limits.max_batch_size, limits.max_batch_total_tokens, limits.max_batch_prefill_tokens,
                              limits.max_queue_wait_s)
-    runner = ModelRunner(loaded.model, kv, resident, loaded.device)
+    graphs = None
+    if loaded.device.type == "cuda" and settings.model.cuda_graph_max_batch_size:
+        graphs = DecodeGraphs(loaded.model, kv, resident, settings.model.cuda_graph_max_batch_size)
+    runner = ModelRunner(loaded.model, kv, resident, loaded.device, graphs)
     engine = Engine(runner, Scheduler(budget, kv, resident), loaded.eos_token_ids)
     warm_up(engine, loaded)
     store = AdapterStore(store_config(settings.adapters), loaded.model.config)

@@ -8,20 +8,27 @@ from __future__ import annotations
 import torch
 
 from server.adapters.lora import ResidentAdapters
+from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache
 from server.engine.scheduler import BatchPlan
 from server.model.llama import CausalLM, ForwardBatch
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, kv: KVCache, adapters: ResidentAdapters, device: torch.device) -> None:
+    def __init__(self, model: CausalLM, kv: KVCache, adapters: ResidentAdapters, device: torch.device,
+                 graphs: DecodeGraphs | None = None) -> None:
         self.model, self.kv, self.adapters, self.device = model, kv, adapters, device
+        self.graphs = graphs  # CUDA only: decode steps replayed from captured graphs
 
     @torch.no_grad()
     def run(self, plan: BatchPlan) -> torch.Tensor:
         """Returns logits [len(plan.requests), vocab] (float32) for each request's next token."""
         batch = self.build_batch(plan)
         self.kv.ensure_capacity(max(batch.context_lens))
+        if plan.is_decode and self.graphs is not None:
+            logits = self.graphs.run(batch)
+            if logits is not None:
+                return logits
         if plan.is_decode or not any(r.options.prefill_logprobs for r in plan.requests):
             return self.model(batch, self.kv)
         return self._run_with_prompt_logprobs(plan, batch)
@@ -53,15 +60,18 @@ class ModelRunner:
             positions = [p for r in requests for p in range(r.num_prompt_tokens)]
             query_lens = [r.num_prompt_tokens for r in requests]
         slots = [r.slot for r in requests]
+        context_lens = [r.total_tokens for r in requests]
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             positions=torch.tensor(positions, dtype=torch.long, device=self.device),
             slots=torch.tensor(slots, dtype=torch.long, device=self.device),
             query_lens=query_lens,
-            context_lens=[r.total_tokens for r in requests],
+            context_lens=context_lens,
             is_decode=plan.is_decode,
             lora=self.adapters.batch_for([r.adapter for r in requests], query_lens),
             dense_slots=plan.is_decode and slots == list(range(len(slots))),
+            kv_lens=torch.tensor(context_lens, device=self.device) if plan.is_decode else None,
+            attend_len=max(context_lens),
         )
 
 

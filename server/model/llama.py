@@ -87,6 +87,9 @@ class ForwardBatch:
     lora: Any = None  # per-row adapter plan, consumed by LoRA-wrapped projections
     logit_rows: Optional[torch.Tensor] = None  # [rows] tokens to return logits for; default: each last
     dense_slots: bool = False  # decode: slots are exactly 0..seqs-1, so attention reads a cache view
+    # Decode only, so a step needs no host data inside the model (what CUDA-graph capture requires):
+    kv_lens: Optional[torch.Tensor] = None  # [seqs] long, context_lens on the device
+    attend_len: int = 0  # cache positions attention reads: >= max(context_lens); fixed when graphed
 
     @property
     def last_token_rows(self) -> torch.Tensor:  # [seqs] index of each sequence's last token
@@ -232,14 +235,17 @@ class Attention(nn.Module):
         batch = step.batch
         k_cache[batch.slots, :, batch.positions] = k
         v_cache[batch.slots, :, batch.positions] = v
-        longest, seqs = max(batch.context_lens), len(batch.context_lens)
+        length, seqs = batch.attend_len, batch.slots.shape[0]
         if batch.dense_slots:
-            keys, values = k_cache[:seqs, :, :longest], v_cache[:seqs, :, :longest]  # views, no copy
+            keys, values = k_cache[:seqs, :, :length], v_cache[:seqs, :, :length]  # views, no copy
         else:
-            keys, values = k_cache[batch.slots, :, :longest], v_cache[batch.slots, :, :longest]
-        mask = step.decode_mask
-        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, enable_gqa=True)
-        return out.squeeze(2)  # [seqs, heads, dim]
+            keys, values = k_cache[batch.slots, :, :length], v_cache[batch.slots, :, :length]
+        # The query heads sharing a KV head become that head's query rows: attention reads each KV
+        # head once, instead of a copy expanded to every query head (what enable_gqa does on the
+        # kernels that take a mask), and all rows sit at one position, so no causal mask is needed.
+        grouped = q.view(seqs, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=step.decode_mask)
+        return out.reshape(seqs, self.num_heads, self.head_dim)  # [seqs, heads, dim]
 
     def _prefill(self, q, k, v, k_cache, v_cache, batch: ForwardBatch) -> torch.Tensor:
         outputs, start = [], 0
@@ -314,8 +320,11 @@ class CausalLM(nn.Module):
         step = self.step_tensors(batch, kv, h.dtype)
         for layer in self.model.layers:
             h = layer(h, step)
-        rows = batch.last_token_rows if batch.logit_rows is None else batch.logit_rows
-        h = self.model.norm(h[rows])  # [rows, hidden]
+        if batch.logit_rows is not None:
+            h = h[batch.logit_rows]
+        elif not batch.is_decode:  # a decode step's rows are already each sequence's last token
+            h = h[batch.last_token_rows]
+        h = self.model.norm(h)  # [rows, hidden]
         return self.lm_head(h).float()  # [rows, vocab]
 
     def lora_targets(self) -> dict[tuple[int, str], LoraTarget]:
@@ -327,9 +336,8 @@ class CausalLM(nn.Module):
         cos, sin = self.rotary.tables(batch.positions, dtype)
         step = StepTensors(batch, kv, cos, sin)
         if batch.is_decode:
-            lens = torch.tensor(batch.context_lens, device=batch.input_ids.device)
-            longest = torch.arange(max(batch.context_lens), device=lens.device)
-            step.decode_mask = (longest[None, :] < lens[:, None])[:, None, None, :]
+            positions = torch.arange(batch.attend_len, device=batch.kv_lens.device)
+            step.decode_mask = (positions[None, :] < batch.kv_lens[:, None])[:, None, None, :]
         return step
 
     @classmethod
