@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.lora_mix import make_adapters, naive_peft_baseline  # noqa: E402
+from bench.structured import LONG_SCHEMA  # noqa: E402
+from bench.structured import PROMPT as JSON_PROMPT  # noqa: E402
 from bench.throughput import PROMPTS, StreamResult, machine, percentile, summarize  # noqa: E402
 from server.model.default_model import default_model_dir, loraserve_home  # noqa: E402
 from tests.conftest import ServerProcess, free_port  # noqa: E402
@@ -84,15 +87,23 @@ class Peer:
 
 
 class Loraserve(Peer):
+    device_slots = 8  # max_active_adapters: the uniform mix fits, the churn scenario does not
     def start(self, adapters_dir: Path, names: list[str]) -> None:
         self.adapters = [f"{n}/1" for n in names]
         server = ServerProcess("--threads", str(self.threads), "--max-batch-size", "32",
-                               "--max-active-adapters", str(max(8, len(names))),
+                               "--max-active-adapters", str(self.device_slots),
                                env={"LORASERVE_ADAPTERS_DIR": str(adapters_dir)}, dtype="auto").wait_ready(timeout=600)
         self.proc, self.url = server.proc, server.url
 
     def body(self, prompt: str, max_tokens: int, adapter: Optional[int]) -> dict:
         return {**super().body(prompt, max_tokens, adapter), "ignore_eos_token": True}
+
+    def json_body(self, max_tokens: int, adapter: Optional[int]) -> dict:
+        """A chat request constrained to LONG_SCHEMA (the grammar stays open for the whole budget)."""
+        schema = {"type": "json_schema", "json_schema": {"name": "notes", "schema": LONG_SCHEMA}}
+        return {"model": self.adapters[adapter] if adapter is not None else BASE_MODEL, "stream": True,
+                "messages": [{"role": "user", "content": JSON_PROMPT}], "max_tokens": max_tokens,
+                "temperature": 0, "response_format": schema}
 
 
 class LlamaServer(Peer):
@@ -105,19 +116,18 @@ class LlamaServer(Peer):
         return None if built.exists() else f"not built ({built}); run {self.script} install"
 
     def start(self, adapters_dir: Path, names: list[str]) -> None:
-        loras = []
+        files = []
         for name in names:
-            gguf = adapters_dir / f"{name}.gguf"
-            subprocess.run([str(self.script), "convert", str(adapters_dir / name / "1"), str(gguf)], check=True)
-            loras += ["--lora", str(gguf)]
+            files.append(str(adapters_dir / f"{name}.gguf"))
+            subprocess.run([str(self.script), "convert", str(adapters_dir / name / "1"), files[-1]], check=True,
+                           capture_output=True)
         self.adapters = [str(i) for i in range(len(names))]
-        self._spawn(self.script, loras)
+        self._spawn(self.script, ["--lora", ",".join(files)])  # repeated --lora keeps only the last
 
     def body(self, prompt: str, max_tokens: int, adapter: Optional[int]) -> dict:
-        body = {**super().body(prompt, max_tokens, None), "ignore_eos": True}
-        if adapter is not None:
-            body["lora"] = [{"id": adapter, "scale": 1.0}]
-        return body
+        # Every loaded adapter is named: ids left out keep their start-up scale (1.0 in this version)
+        scales = [{"id": i, "scale": 1.0 if i == adapter else 0.0} for i in range(len(self.adapters))]
+        return {**super().body(prompt, max_tokens, None), "ignore_eos": True, "lora": scales}
 
 
 class Vllm(Peer):
@@ -155,16 +165,17 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
 
 
 async def openai_stream(client: httpx.AsyncClient, body: dict) -> StreamResult:
-    """One streamed completion; each SSE chunk carrying text counts as one token."""
+    """One streamed (chat) completion; each SSE chunk carrying text counts as one token."""
     start, stamps = time.perf_counter(), []
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
     try:
-        async with client.stream("POST", "/v1/completions", json=body) as response:
+        async with client.stream("POST", path, json=body) as response:
             if response.status_code != 200:
                 return StreamResult(0, 0, [], 0, f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
             async for line in response.aiter_lines():
                 if line.startswith("data:") and line.strip() != "data: [DONE]":
                     choices = json.loads(line[5:]).get("choices") or []
-                    if choices and choices[0].get("text"):
+                    if choices and (choices[0].get("text") or (choices[0].get("delta") or {}).get("content")):
                         stamps.append(time.perf_counter())
     except httpx.HTTPError as exc:
         return StreamResult(len(stamps), 0, [], 0, repr(exc))
@@ -172,15 +183,19 @@ async def openai_stream(client: httpx.AsyncClient, body: dict) -> StreamResult:
     return StreamResult(len(stamps), stamps[0] - start if stamps else 0, gaps, time.perf_counter() - start)
 
 
-async def load(peer: Peer, streams: int, max_tokens: int, adapters: list[Optional[int]]) -> dict:
-    """`streams` concurrent requests, stream i on adapters[i % len(adapters)]; one warm-up each first."""
+async def load(peer: Peer, streams: int, max_tokens: int, adapters: list[Optional[int]],
+               warm: Optional[list[Optional[int]]] = None, json_every: int = 0) -> dict:
+    """`streams` concurrent requests, stream i on adapters[i % len(adapters)] (every `json_every`-th
+    one JSON-constrained); the adapters in `warm` (default: all used) get one short request first."""
     async with httpx.AsyncClient(base_url=peer.url, timeout=900,
                                  limits=httpx.Limits(max_connections=streams + 4)) as client:
-        await asyncio.gather(*(openai_stream(client, peer.body(PROMPTS[0], 2, a)) for a in set(adapters)))
+        warm = set(adapters) if warm is None else set(warm)
+        await asyncio.gather(*(openai_stream(client, peer.body(PROMPTS[0], 2, a)) for a in warm))
+        bodies = [peer.json_body(max_tokens, adapters[i % len(adapters)]) if json_every and i % json_every == 0
+                  else peer.body(PROMPTS[i % len(PROMPTS)], max_tokens, adapters[i % len(adapters)])
+                  for i in range(streams)]
         start = time.perf_counter()
-        results = await asyncio.gather(*(openai_stream(client, peer.body(PROMPTS[i % len(PROMPTS)], max_tokens,
-                                                                          adapters[i % len(adapters)]))
-                                         for i in range(streams)))
+        results = await asyncio.gather(*(openai_stream(client, body) for body in bodies))
         wall = time.perf_counter() - start
     scenario = asdict(summarize(streams, list(results), wall))
     scenario["request_p50_ms"] = round(1000 * percentile([r.total_s for r in results if not r.error], 0.5), 1)
@@ -197,12 +212,33 @@ def run_peer(peer: Peer, adapters_dir: Path, names: list[str], args: argparse.Na
             scenarios[f"base-{streams}"] = asyncio.run(load(peer, streams, args.max_new_tokens, [BASE]))
             print(f"{peer.name:>13} base  x{streams:<3} {scenarios[f'base-{streams}']['tokens_per_s']:>8} tok/s",
                   flush=True)
-        mixed = asyncio.run(load(peer, args.mixed_streams, args.max_new_tokens, list(range(len(names)))))
-        scenarios[f"mixed-{args.mixed_streams}x{len(names)}"] = mixed
-        print(f"{peer.name:>13} mixed x{args.mixed_streams:<3} {mixed['tokens_per_s']:>8} tok/s", flush=True)
+        uniform = list(range(args.adapters))
+        scenarios[f"mixed-{args.mixed_streams}x{args.adapters}"] = asyncio.run(
+            load(peer, args.mixed_streams, args.max_new_tokens, uniform))
+        if isinstance(peer, Loraserve):
+            scenarios.update(loraserve_only(peer, names, args))
+        for key, scenario in scenarios.items():
+            if not key.startswith("base-"):
+                print(f"{peer.name:>13} {key:<16} {scenario['tokens_per_s']:>8} tok/s", flush=True)
         return scenarios
     finally:
         peer.stop()
+
+
+def loraserve_only(peer: Peer, names: list[str], args: argparse.Namespace) -> dict:
+    """Scenarios the peers can't run the same way: a Zipf mix of adapters, a JSON-constrained mix,
+    and churn over three times as many adapters as device slots (each first use is a cold load)."""
+    zipf = random.Random(0).choices(range(args.adapters), weights=[1 / (k + 1) ** 1.1 for k in range(args.adapters)],
+                                    k=args.mixed_streams)
+    churn = list(range(args.adapters, len(names)))
+    return {
+        f"zipf-{args.mixed_streams}x{args.adapters}": asyncio.run(
+            load(peer, args.mixed_streams, args.max_new_tokens, zipf)),
+        f"json-half-{args.mixed_streams}x{args.adapters}": asyncio.run(
+            load(peer, args.mixed_streams, args.max_new_tokens, list(range(args.adapters)), json_every=2)),
+        f"churn-{args.mixed_streams}x{len(churn)}-cold": asyncio.run(
+            load(peer, args.mixed_streams, args.max_new_tokens, churn, warm=[])),
+    }
 
 
 def plot(report: dict, out: Path) -> None:
@@ -248,6 +284,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--mixed-streams", type=int, default=32)
     parser.add_argument("--adapters", type=int, default=8)
+    parser.add_argument("--churn-adapters", type=int, default=24, help="cold adapters for loraserve's churn run")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -261,7 +298,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     report["config"]["model_dir"] = str(default_model_dir())
     with tempfile.TemporaryDirectory(dir=loraserve_home()) as tmp:
         adapters_dir = Path(tmp)
-        make_adapters(adapters_dir, default_model_dir(), names, args.rank)
+        churn = [f"churn-{i}" for i in range(args.churn_adapters)]  # loraserve only
+        make_adapters(adapters_dir, default_model_dir(), names + churn, args.rank)
         for name in args.peers:
             if name == "naive":
                 torch.set_num_threads(args.threads)
@@ -271,7 +309,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 continue
             peer = PEERS[name](name, args.threads)
             why_not = peer.available()
-            report["peers"][name] = {"skipped": why_not} if why_not else run_peer(peer, adapters_dir, names, args)
+            served = names
+            if isinstance(peer, Loraserve):
+                served, peer.device_slots = names + churn, args.adapters
+            report["peers"][name] = {"skipped": why_not} if why_not else run_peer(peer, adapters_dir, served, args)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"compare-{stamp}.json"
