@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from math import inf
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -105,7 +106,7 @@ class StepTensors:
     kv: KVStore
     cos: torch.Tensor  # [tokens, 1, head_dim]
     sin: torch.Tensor  # [tokens, 1, head_dim]
-    decode_mask: Optional[torch.Tensor] = None  # [seqs, 1, 1, longest] bool, decode steps only
+    decode_mask: Optional[torch.Tensor] = None  # [seqs, 1, 1, attend_len] 0 / -inf, decode steps only
 
 
 class LoraTarget(nn.Module):
@@ -180,9 +181,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalised in fp32 like the reference implementation, then scaled in the model dtype
-        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * h.to(x.dtype)
+        # one op: ATen normalises in fp32 and scales in the input dtype, like the reference model
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -337,7 +337,9 @@ class CausalLM(nn.Module):
         step = StepTensors(batch, kv, cos, sin)
         if batch.is_decode:
             positions = torch.arange(batch.attend_len, device=batch.kv_lens.device)
-            step.decode_mask = (positions[None, :] < batch.kv_lens[:, None])[:, None, None, :]
+            beyond = (positions[None, :] >= batch.kv_lens[:, None])[:, None, None, :]
+            # additive, in the model dtype: attention would otherwise convert a bool mask every layer
+            step.decode_mask = torch.zeros(beyond.shape, dtype=dtype, device=beyond.device).masked_fill(beyond, -inf)
         return step
 
     @classmethod
