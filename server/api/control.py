@@ -23,7 +23,7 @@ async def current_user() -> dict:
 
 @router.get("/v2/deployments/{deployment}")
 async def deployment(deployment: str, request: Request) -> dict:
-    check_deployment(request, deployment)  # 404 for names this server does not serve
+    check_deployment(request, TENANT, deployment)  # 404 for names this server does not serve
     engine = engine_of(request)
     return {"data": {"name": deployment, "uuid": deployment, "description": None, "type": "dedicated",
                      "status": "ready", "model": {"name": engine.loaded.name,

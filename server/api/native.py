@@ -44,8 +44,9 @@ def engine_of(request: Request) -> AsyncEngine:
     return engine
 
 
-def check_deployment(request: Request, deployment: str) -> None:
-    """The seeds' URLs name a deployment: it must be this server's model or a configured alias."""
+def check_deployment(request: Request, tenant: str, deployment: str) -> None:
+    """The seeds' URLs name a deployment: it must be this server's model or a configured alias. The
+    tenant is ignored; it is a parameter so the OpenAPI document declares every path parameter."""
     engine = engine_of(request)
     names = {engine.loaded.name.lower(), *(n.lower() for n in request.app.state.settings.http.deployment_names)}
     if deployment.lower() not in names:
