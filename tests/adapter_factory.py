@@ -74,3 +74,17 @@ def foreign_copy(src: Path, dst: Path) -> Path:
                for k, v in load_file(str(src / "adapter_model.safetensors")).items()}
     save_file(tensors, str(dst / "adapter_model.safetensors"))
     return dst
+
+
+def variant_copy(src: Path, dst: Path, seed: int) -> Path:
+    """Another adapter of the same shape: the PEFT files of `src` with fresh random B matrices (cheap:
+    no base model to load, so a test can make dozens)."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True)
+    (dst / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {k: torch.randn(v.shape, generator=generator) * 0.05 if "lora_B" in k else v
+               for k, v in load_file(str(src / "adapter_model.safetensors")).items()}
+    save_file(tensors, str(dst / "adapter_model.safetensors"))
+    return dst
