@@ -28,7 +28,7 @@ class FaultyProxy:
 
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port, self.port, self.mode = upstream_port, free_port(), "pass"
-        self.delay_s = 0.3
+        self.delay_s = 0.15  # per forwarded chunk in "slow" mode: a download of a few seconds, under the timeout
         self._listener: socket.socket | None = None
         self.up()
 
