@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
     serve.add_argument("--threads", type=int, help="torch CPU threads (0 = all cores)")
     serve.add_argument("--cuda-graph-max-batch-size", type=int, help="CUDA: graph decode steps up to this size")
+    serve.add_argument("--quantize", choices=["none", "int8"], help="CPU: int8 weight copies for small decode steps")
     for name in ("max_input_length", "max_total_tokens", "max_batch_total_tokens", "max_batch_prefill_tokens",
                  "max_batch_size", "max_concurrent_requests", "max_stop_sequences", "max_stop_sequence_length",
                  "max_best_of", "max_active_adapters", "max_adapter_memory_mb", "max_cpu_adapters", "max_queue_wait_s",

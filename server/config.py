@@ -28,12 +28,16 @@ class ModelConfig:
     dtype: str = "auto"
     threads: int = 0
     cuda_graph_max_batch_size: int = 64  # decode steps up to this many rows replay CUDA graphs; 0 = off
+    quantize: str = "none"  # "int8": weight-only int8 copies for small CPU decode steps
 
     def __post_init__(self) -> None:
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
         _check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         _check_min("threads", self.threads, 0)
         _check_min("cuda_graph_max_batch_size", self.cuda_graph_max_batch_size, 0)
+        _check_choice("quantize", self.quantize, ("none", "int8"))
+        if self.quantize == "int8" and self.device == "cuda":
+            raise ConfigError("quantize int8 is a CPU option (its kernel is for small CPU decode steps)")
 
 
 @dataclass(frozen=True)

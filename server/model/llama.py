@@ -126,22 +126,54 @@ class LoraTarget(nn.Module):
             y += self.lora(x, batch.lora)
 
 
+INT8_MAX_ROWS = 4  # int8 matmuls beat float ones up to this many rows on CPU (bench/step_time.py)
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """Weight-only int8 copy of a float weight, one scale per output row (symmetric)."""
+
+    values: torch.Tensor  # [out, in] int8
+    scales: torch.Tensor  # [out] in the model dtype
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> "Int8Weight":
+        scales = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127
+        values = torch.round(weight.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(values.contiguous(), scales.to(weight.dtype))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+           int8: Optional[Int8Weight]) -> torch.Tensor:
+    """A small decode step reads the int8 copy (half the bytes of bf16: decode is memory-bound);
+    prefills and large batches use the float weight, where the int8 kernel is slower."""
+    if int8 is None or x.shape[0] > INT8_MAX_ROWS:
+        return F.linear(x, weight, bias)
+    y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), int8.values, int8.scales)
+    return y if bias is None else y + bias
+
+
 class Projection(nn.Linear):
     """A linear layer that receives the batch, so packed LoRA adapters can add per-row deltas."""
+
+    int8: Optional[Int8Weight] = None  # set by quantize_int8()
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias=bias)
         self.target = LoraTarget(in_features, out_features)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        self.target.add_delta(y, x, batch)
+    def forward(self, x: torch.Tensor, batch: Optional[ForwardBatch] = None) -> torch.Tensor:
+        y = linear(x, self.weight, self.bias, self.int8)
+        if batch is not None:
+            self.target.add_delta(y, x, batch)
         return y
 
 
 class FusedProjection(nn.Module):
     """Several projections of the same input (q/k/v, gate/up) as one matmul: fewer, larger ops
     per step. Each part keeps its own LoraTarget, so adapters still see q_proj, k_proj, ..."""
+
+    int8: Optional[Int8Weight] = None  # set by quantize_int8()
 
     def __init__(self, in_features: int, parts: dict[str, int], bias: bool) -> None:
         super().__init__()
@@ -152,7 +184,7 @@ class FusedProjection(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         """Returns the parts side by side: [tokens, sum(sizes)]."""
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias, self.int8)
         if batch.lora is not None:
             start = 0
             for name, size in zip(self.names, self.sizes):
@@ -312,7 +344,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Projection(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
 
     def forward(self, batch: ForwardBatch, kv: KVStore) -> torch.Tensor:
@@ -357,6 +389,17 @@ class CausalLM(nn.Module):
             raise ValueError(f"checkpoint is missing weights: {missing[:5]}")
         model.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
         return model.to(device=device, dtype=dtype).eval()
+
+
+def quantize_int8(model: CausalLM) -> int:
+    """Give every projection and the LM head a weight-only int8 copy for small decode steps (the
+    float weights stay for prefills and large batches). Returns the bytes added."""
+    added = 0
+    for module in model.modules():
+        if isinstance(module, (Projection, FusedProjection)):
+            module.int8 = Int8Weight.of(module.weight.detach())
+            added += module.int8.values.numel() + module.int8.scales.numel() * module.int8.scales.element_size()
+    return added
 
 
 def prefer_planless_attention() -> None:

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from server.config import ModelConfig
 from server.model.default_model import DEFAULT_MODEL_NAME, default_model_dir
-from server.model.llama import CausalLM, prefer_planless_attention
+from server.model.llama import CausalLM, prefer_planless_attention, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -89,5 +89,10 @@ def load_model(config: ModelConfig) -> LoadedModel:
         prefer_planless_attention()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = CausalLM.from_pretrained(model_dir, device, dtype)
+    if config.quantize == "int8":
+        if dtype != torch.bfloat16:  # with fp32 activations the int8 kernel is slower than fp32 weights
+            raise ValueError(f"quantize int8 needs dtype bfloat16; the model runs as {dtype}"
+                             + (" because this CPU has no native bf16" if config.dtype == "auto" else ""))
+        log.info("int8 decode weights: %.0f MB added", quantize_int8(model) / 2**20)
     return LoadedModel(name, model_dir, model, tokenizer, device, dtype)
 

@@ -1,0 +1,69 @@
+"""In-process decode step time (engine loop, no HTTP) at several batch sizes, for before/after records.
+
+    .venv/bin/python bench/step_time.py --dtype bfloat16 --batches 1 8 32
+    .venv/bin/python bench/step_time.py --root /tmp/old-checkout ...   # the same, on another commit's code
+
+The optimisation log in docs/benchmarks.md compares commits by running this for each, alternating,
+in one invocation (see `--root`); only ratios between such runs mean anything on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+
+def measure(batches: list[int], dtype: str, new_tokens: int, threads: int, quantize: str) -> dict[int, float]:
+    import torch
+
+    from server.config import Limits, ModelConfig, Settings
+    from server.engine.builder import build_engine
+    from server.engine.detokenizer import IncrementalDetokenizer
+    from server.engine.request import Request, SamplingParams, StopCriteria
+    from server.model.loader import load_model
+
+    torch.set_num_threads(threads)
+    extra = {"quantize": quantize} if quantize != "none" else {}  # older commits have no such option
+    loaded = load_model(ModelConfig(model="default", device="cpu", dtype=dtype, **extra))
+    engine = build_engine(Settings(limits=replace(Limits(), max_batch_size=max(batches))), loaded).engine
+    results = {}
+    for batch in batches:
+        requests = []
+        for i in range(batch):
+            prompt = loaded.tokenizer(f"Story number {i}: once upon a time")["input_ids"]
+            request = Request(prompt_ids=prompt, params=SamplingParams(), sink=lambda event: None,
+                              stop=StopCriteria(max_new_tokens=new_tokens, ignore_eos=True),
+                              detokenizer=IncrementalDetokenizer(loaded.tokenizer, prompt, loaded.special_token_ids))
+            engine.scheduler.add(request)
+            requests.append(request)
+        while any(r.num_generated == 0 for r in requests):  # prefills are not what this measures
+            engine.step()
+        started, steps = time.perf_counter(), 0
+        while engine.step():
+            steps += 1
+        results[batch] = (time.perf_counter() - started) / steps * 1000
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent,
+                        help="checkout whose server/ package to measure")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantize", default="none", choices=("none", "int8"))
+    args = parser.parse_args()
+    sys.path.insert(0, str(args.root))
+    ms = measure(args.batches, args.dtype, args.new_tokens, args.threads, args.quantize)
+    print(json.dumps({"root": str(args.root), "dtype": args.dtype, "quantize": args.quantize, "threads": args.threads,
+                      "step_ms": {b: round(v, 2) for b, v in ms.items()}}))
+
+
+if __name__ == "__main__":
+    main()
