@@ -88,10 +88,11 @@ class Peer:
 
 class Loraserve(Peer):
     device_slots = 8  # max_active_adapters: the uniform mix fits, the churn scenario does not
+    extra_args: tuple[str, ...] = ()
     def start(self, adapters_dir: Path, names: list[str]) -> None:
         self.adapters = [f"{n}/1" for n in names]
         server = ServerProcess("--threads", str(self.threads), "--max-batch-size", "32",
-                               "--max-active-adapters", str(self.device_slots),
+                               "--max-active-adapters", str(self.device_slots), *self.extra_args,
                                env={"LORASERVE_ADAPTERS_DIR": str(adapters_dir)}, dtype="auto").wait_ready(timeout=600)
         self.proc, self.url = server.proc, server.url
 
@@ -147,7 +148,13 @@ class Vllm(Peer):
         return {**super().body(prompt, max_tokens, adapter), "ignore_eos": True}
 
 
-PEERS = {"loraserve": Loraserve, "llama-server": LlamaServer, "vllm": Vllm}
+class LoraserveInt8(Loraserve):
+    """The same server with `--quantize int8` (bf16 activations, int8 weights for small decode steps)."""
+
+    extra_args = ("--quantize", "int8", "--dtype", "bfloat16")
+
+
+PEERS = {"loraserve": Loraserve, "loraserve-int8": LoraserveInt8, "llama-server": LlamaServer, "vllm": Vllm}
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
@@ -215,7 +222,7 @@ def run_peer(peer: Peer, adapters_dir: Path, names: list[str], args: argparse.Na
         uniform = list(range(args.adapters))
         scenarios[f"mixed-{args.mixed_streams}x{args.adapters}"] = asyncio.run(
             load(peer, args.mixed_streams, args.max_new_tokens, uniform))
-        if isinstance(peer, Loraserve):
+        if type(peer) is Loraserve:
             scenarios.update(loraserve_only(peer, names, args))
         for key, scenario in scenarios.items():
             if not key.startswith("base-"):
@@ -280,7 +287,7 @@ def plot(report: dict, out: Path) -> None:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--peers", nargs="+", default=["loraserve", "llama-server", "vllm", "naive"])
+    parser.add_argument("--peers", nargs="+", default=["loraserve", "loraserve-int8", "llama-server", "vllm", "naive"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--mixed-streams", type=int, default=32)
     parser.add_argument("--adapters", type=int, default=8)
