@@ -277,9 +277,10 @@ def plot(report: dict, out: Path) -> None:
         names.append("naive peft")
         values.append(naive["tokens_per_s"])
     right.bar(names, values, color=[f"C{i}" if n != "naive peft" else "grey" for i, n in enumerate(names)])
+    right.tick_params(axis="x", labelrotation=15, labelsize=8)
     right.set(ylabel="aggregate tokens/s", title=f"{report['config']['mixed_streams']} streams over "
               f"{report['config']['adapters']} adapters")
-    fig.suptitle(f"SmolLM2-135M, {report['config']['threads']} threads, {report['config']['max_new_tokens']} "
+    fig.suptitle(f"SmolLM2-135M, threads: {report['config']['threads']} each, {report['config']['max_new_tokens']} "
                  f"new tokens, EOS ignored (commit {report['machine']['commit']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
