@@ -38,7 +38,7 @@ from bench.structured import LONG_SCHEMA  # noqa: E402
 from bench.structured import PROMPT as JSON_PROMPT  # noqa: E402
 from bench.throughput import PROMPTS, StreamResult, machine, percentile, summarize  # noqa: E402
 from server.model.default_model import default_model_dir, loraserve_home  # noqa: E402
-from tests.conftest import ServerProcess, free_port  # noqa: E402
+from tests.conftest import ServerProcess, free_port, stop_process  # noqa: E402
 
 PEERS_HOME = Path(os.environ.get("PEERS_HOME", Path.home() / ".cache" / "loraserve" / "peers"))
 BASE = None  # adapter slot meaning "the base model"
@@ -69,12 +69,7 @@ class Peer:
 
     def stop(self) -> None:
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop_process(self.proc, timeout=30)
 
     def _spawn(self, script: Path, extra: list[str], env: Optional[dict] = None) -> None:
         """`script start PORT THREADS extra...` in the background; returns once it answers."""

@@ -160,8 +160,7 @@ def decode(runner: ModelRunner, requests: list[Request], steps: int) -> None:
             request.output_ids.append(token)
 
 
-def floor_seconds(model: CausalLM, runner: ModelRunner, batch: int, cfg: BenchConfig, bandwidth: float,
-                  lora_columns: int) -> float:
+def floor_seconds(model: CausalLM, batch: int, cfg: BenchConfig, bandwidth: float, lora_columns: int) -> float:
     element = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
     weights = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n) * element
     if model.config.tie_word_embeddings:
@@ -172,12 +171,16 @@ def floor_seconds(model: CausalLM, runner: ModelRunner, batch: int, cfg: BenchCo
     return (weights + kv + lora) / bandwidth
 
 
+def build_parts(cfg: BenchConfig, max_adapters: int) -> tuple[CausalLM, KVCache, ResidentAdapters]:
+    model = build_model(cfg)
+    kv = KVCache(model.config, max(cfg.batches), cfg.context + cfg.warmup + cfg.steps + 1, torch.device(cfg.device),
+                 getattr(torch, cfg.dtype))
+    return model, kv, ResidentAdapters(model, max_adapters, 1 << 40)
+
+
 def run(cfg: BenchConfig) -> dict:
     device = torch.device(cfg.device)
-    model = build_model(cfg)
-    kv = KVCache(model.config, max(cfg.batches), cfg.context + cfg.warmup + cfg.steps + 1, device,
-                 getattr(torch, cfg.dtype))
-    resident = ResidentAdapters(model, cfg.adapters, 1 << 40)
+    model, kv, resident = build_parts(cfg, cfg.adapters)
     adapters = random_adapters(model, cfg.adapters, cfg.rank)
     for adapter in adapters:
         assert resident.activate(adapter, pinned=set())
@@ -193,7 +196,7 @@ def run(cfg: BenchConfig) -> dict:
                                                                     runners.items()):
                 seconds = run_decode(runner, make_requests(batch, cfg.context, model.config.vocab_size, mix), cfg)
                 columns = min(batch, len(mix)) * cfg.rank
-                floor = floor_seconds(model, runner, batch, cfg, bandwidth, columns)
+                floor = floor_seconds(model, batch, cfg, bandwidth, columns)
                 results.append(StepResult(batch, mode, graphed, seconds * 1e3, batch / seconds, floor * 1e3))
                 engine = "graphs" if graphed else "eager"
                 print(f"batch {batch:3d} {mode:5s} {engine:6s}: {seconds * 1e3:8.2f} ms/step  {batch / seconds:9.1f} "
@@ -228,10 +231,8 @@ def profile(cfg: BenchConfig) -> None:
     from torch.profiler import profile as torch_profile
 
     device = torch.device(cfg.device)
-    model = build_model(cfg)
-    kv = KVCache(model.config, max(cfg.batches), cfg.context + cfg.warmup + cfg.steps + 1, device,
-                 getattr(torch, cfg.dtype))
-    runner = ModelRunner(model, kv, ResidentAdapters(model, 1, 1 << 40), device)
+    model, kv, resident = build_parts(cfg, 1)
+    runner = ModelRunner(model, kv, resident, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     requests = make_requests(cfg.batches[0], cfg.context, model.config.vocab_size, [])
     with torch.inference_mode():

@@ -42,7 +42,6 @@ class DecodeGraphs:
         self.steps: dict[tuple[int, bool], GraphedStep] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self._shapes = (-1, -1)  # (KV capacity, packed LoRA columns) the graphs were captured for
-        self.captures = 0
 
     def run(self, batch: ForwardBatch) -> Optional[torch.Tensor]:
         """Logits [seqs, vocab] from a replayed graph, or None when this step can't be graphed."""
@@ -95,7 +94,6 @@ class DecodeGraphs:
         step.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(step.graph, pool=self.pool, capture_error_mode="thread_local"):
             step.logits = self.model(step.batch, self.kv)
-        self.captures += 1
         log.info("captured a decode CUDA graph: %d rows, LoRA %s, KV capacity %d", bucket, with_lora,
                  self.kv.capacity)
         self.steps[(bucket, with_lora)] = step
@@ -115,4 +113,7 @@ class DecodeGraphs:
             lora: LoraBatch = batch.lora
             step.lora_mask.zero_()
             window = step.lora_mask[:seqs, lora.lo : lora.hi]
-            window.copy_(lora.mask) if lora.mask is not None else window.fill_(1)
+            if lora.mask is None:  # one adapter for every row
+                window.fill_(1)
+            else:
+                window.copy_(lora.mask)

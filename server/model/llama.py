@@ -153,25 +153,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     return y if bias is None else y + bias
 
 
-class Projection(nn.Linear):
-    """A linear layer that receives the batch, so packed LoRA adapters can add per-row deltas."""
-
-    int8: Optional[Int8Weight] = None  # set by quantize_int8()
-
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
-        super().__init__(in_features, out_features, bias=bias)
-        self.target = LoraTarget(in_features, out_features)
-
-    def forward(self, x: torch.Tensor, batch: Optional[ForwardBatch] = None) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias, self.int8)
-        if batch is not None:
-            self.target.add_delta(y, x, batch)
-        return y
-
-
-class FusedProjection(nn.Module):
-    """Several projections of the same input (q/k/v, gate/up) as one matmul: fewer, larger ops
-    per step. Each part keeps its own LoraTarget, so adapters still see q_proj, k_proj, ..."""
+class Projection(nn.Module):
+    """One linear layer over the batch's tokens, computing one or several projections of the same
+    input side by side (q/k/v and gate/up are fused: fewer, larger matmuls per step). Each part
+    keeps its own LoraTarget, so adapters still see q_proj, k_proj, ... and add per-row deltas."""
 
     int8: Optional[Int8Weight] = None  # set by quantize_int8()
 
@@ -182,10 +167,10 @@ class FusedProjection(nn.Module):
         self.bias = nn.Parameter(torch.empty(sum(self.sizes))) if bias else None
         self.targets = nn.ModuleDict({n: LoraTarget(in_features, size) for n, size in parts.items()})
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: Optional[ForwardBatch] = None) -> torch.Tensor:
         """Returns the parts side by side: [tokens, sum(sizes)]."""
         y = linear(x, self.weight, self.bias, self.int8)
-        if batch.lora is not None:
+        if batch is not None and batch.lora is not None:
             start = 0
             for name, size in zip(self.names, self.sizes):
                 self.targets[name].add_delta(y[:, start : start + size], x, batch)
@@ -244,11 +229,11 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         parts = {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}
-        self.qkv_proj = FusedProjection(cfg.hidden_size, parts, bias=cfg.attention_bias)
-        self.o_proj = Projection(q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = Projection(cfg.hidden_size, parts, bias=cfg.attention_bias)
+        self.o_proj = Projection(q_size, {"o_proj": cfg.hidden_size}, bias=False)
 
     def lora_targets(self) -> dict[str, LoraTarget]:
-        return {**self.qkv_proj.targets, "o_proj": self.o_proj.target}
+        return {**self.qkv_proj.targets, **self.o_proj.targets}
 
     def forward(self, x: torch.Tensor, step: StepTensors) -> torch.Tensor:
         tokens, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
@@ -304,11 +289,11 @@ class MLP(nn.Module):
         super().__init__()
         self.intermediate_size = cfg.intermediate_size
         parts = {"gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}
-        self.gate_up_proj = FusedProjection(cfg.hidden_size, parts, bias=False)
-        self.down_proj = Projection(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = Projection(cfg.hidden_size, parts, bias=False)
+        self.down_proj = Projection(cfg.intermediate_size, {"down_proj": cfg.hidden_size}, bias=False)
 
     def lora_targets(self) -> dict[str, LoraTarget]:
-        return {**self.gate_up_proj.targets, "down_proj": self.down_proj.target}
+        return {**self.gate_up_proj.targets, **self.down_proj.targets}
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         gate, up = self.gate_up_proj(x, batch).split(self.intermediate_size, dim=-1)
@@ -344,7 +329,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Backbone(cfg)
-        self.lm_head = Projection(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Projection(cfg.hidden_size, {"lm_head": cfg.vocab_size}, bias=False)  # never adapted
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
 
     def forward(self, batch: ForwardBatch, kv: KVStore) -> torch.Tensor:
@@ -396,7 +381,7 @@ def quantize_int8(model: CausalLM) -> int:
     float weights stay for prefills and large batches). Returns the bytes added."""
     added = 0
     for module in model.modules():
-        if isinstance(module, (Projection, FusedProjection)):
+        if isinstance(module, Projection):
             module.int8 = Int8Weight.of(module.weight.detach())
             added += module.int8.values.numel() + module.int8.scales.numel() * module.int8.scales.element_size()
     return added
