@@ -55,3 +55,13 @@ def error_of_type(error_type: str, message: str) -> ServingError:
         if cls.error_type == error_type:
             return cls(message)
     return GenerationError(message)
+
+
+class StartupError(Exception):
+    """An expected reason the server can't start (bad model directory, unsupported architecture,
+    not enough memory...). The message is for the user: what failed, why, and what to do. The CLI
+    prints it as one line and exits non-zero, without a traceback."""
+
+
+class UnsupportedModelError(StartupError, ValueError):
+    """The checkpoint's config names something the engine can't run exactly (refused, never approximated)."""
