@@ -33,7 +33,8 @@ from server.engine.kv_cache import KVCache  # noqa: E402
 from server.engine.request import Request, SamplingParams, StopCriteria  # noqa: E402
 from server.engine.runner import ModelRunner  # noqa: E402
 from server.engine.scheduler import BatchPlan, StepKind  # noqa: E402
-from server.model.llama import ArchConfig, CausalLM, prefer_planless_attention  # noqa: E402
+from server.model.arch import ArchConfig  # noqa: E402
+from server.model.decoder import CausalLM, prefer_planless_attention  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -90,6 +91,7 @@ def build_model(cfg: BenchConfig) -> CausalLM:
         torch.set_default_dtype(default)
     if arch.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_rotaries(torch.device(cfg.device))
     return model.eval()
 
 

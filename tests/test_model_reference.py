@@ -29,7 +29,7 @@ def test_greedy_tokens_match_transformers_generate(loaded, reference, make_engin
 
 def test_prefill_logits_match_transformers(loaded, reference):
     from server.engine.kv_cache import KVCache
-    from server.model.llama import ForwardBatch
+    from server.model.decoder import ForwardBatch
 
     ids = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
     kv = KVCache(loaded.model.config, len(ids), 256, loaded.device, loaded.dtype)
@@ -53,7 +53,7 @@ def test_bfloat16_is_as_accurate_as_transformers_bfloat16(loaded, reference):
     """The bf16 path (the CPU default where bf16 is native): its prefill logits are no further from
     the fp32 reference than transformers' own bf16 model is."""
     from server.engine.kv_cache import KVCache
-    from server.model.llama import CausalLM, ForwardBatch
+    from server.model.decoder import CausalLM, ForwardBatch
 
     ours_bf16 = CausalLM.from_pretrained(loaded.model_dir, torch.device("cpu"), torch.bfloat16)
     theirs_bf16 = AutoModelForCausalLM.from_pretrained(loaded.model_dir, dtype=torch.bfloat16).eval()
@@ -75,7 +75,8 @@ def test_bfloat16_is_as_accurate_as_transformers_bfloat16(loaded, reference):
 def test_int8_decode_weights_stay_close_to_the_float_model(loaded, reference):
     """quantize=int8 (with bf16): one-row steps, which read the int8 copies, against transformers' fp32 logits."""
     from server.engine.kv_cache import KVCache
-    from server.model.llama import CausalLM, ForwardBatch, quantize_int8
+    from server.model.decoder import CausalLM, ForwardBatch
+    from server.model.layers import quantize_int8
 
     model = CausalLM.from_pretrained(loaded.model_dir, torch.device("cpu"), torch.bfloat16)
     assert quantize_int8(model) > 0

@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import torch
 
 from server.adapters.weights import AdapterWeights
-from server.model.llama import CausalLM, LoraTarget
+from server.model.decoder import CausalLM
+from server.model.layers import LoraTarget
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from server.adapters.merge import MergeSpec, merge
 from server.adapters.sources import AdapterSource, HubSource, LocalSource, PbaseSource, S3Source
 from server.adapters.weights import AdapterKey, AdapterWeights, read_adapter
 from server.errors import ValidationError
-from server.model.llama import ArchConfig
+from server.model.arch import ArchConfig
 
 log = logging.getLogger(__name__)
 

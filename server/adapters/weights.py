@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,9 +19,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from server.errors import GenerationError
-from server.model.llama import ArchConfig
+from server.model.arch import ArchConfig
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # Phi-3's modules
 MAX_RANK = 256
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
@@ -78,17 +79,37 @@ class AdapterWeights:
 
 
 def projection_shapes(arch: ArchConfig) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of each target projection."""
+    """(out_features, in_features) of each projection an adapter may target: the model's own
+    modules, so Phi-3 adapters name the fused `qkv_proj` and `gate_up_proj`."""
     q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     h, i = arch.hidden_size, arch.intermediate_size
-    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    shapes = {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+              "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}
+    if not arch.fused_projections:
+        return shapes
+    fused = {name: (sum(shapes[p][0] for p in parts), h) for name, parts in FUSED.items()}
+    return {**fused, "o_proj": shapes["o_proj"], "down_proj": shapes["down_proj"]}
+
+
+def split_fused(modules: dict[tuple[int, str], LoraPair], arch: ArchConfig) -> dict[tuple[int, str], LoraPair]:
+    """A LoRA on a fused projection is exactly one LoRA per part sharing A, with B cut by rows
+    (q/k/v and gate/up are stacked in that order in the fused weight)."""
+    if not arch.fused_projections:
+        return modules
+    sizes = {name: shape[0] for name, shape in projection_shapes(replace(arch, fused_projections=False)).items()}
+    out: dict[tuple[int, str], LoraPair] = {}
+    for (layer, proj), (a, b) in modules.items():
+        start = 0
+        for part in FUSED.get(proj, (proj,)):
+            out[(layer, part)] = (a, b[start : start + sizes[part]].contiguous())
+            start += sizes[part]
+    return out
 
 
 def read_adapter(key: AdapterKey, directory: Path, arch: ArchConfig) -> AdapterWeights:
     config = _read_config(key, directory)
     tensors = _read_tensors(key, directory)
-    modules = _pair_modules(key, tensors, config, arch)
+    modules = split_fused(_pair_modules(key, tensors, config, arch), arch)
     template = directory / "chat_template.jinja"
     return AdapterWeights(
         key=key,
@@ -163,7 +184,8 @@ def _check_pair(key: AdapterKey, where: tuple[int, str], halves: dict[str, torch
         )
     if not 1 <= rank <= MAX_RANK:
         raise AdapterLoadError(f"adapter {key}: rank {rank} outside 1..{MAX_RANK}")
-    return a.contiguous(), (b * _scale(f"model.layers.{layer}.{proj}", rank, config)).contiguous()
+    block = "mlp" if proj in ("gate_proj", "up_proj", "down_proj", "gate_up_proj") else "self_attn"
+    return a.contiguous(), (b * _scale(f"model.layers.{layer}.{block}.{proj}", rank, config)).contiguous()
 
 
 def _scale(module_name: str, rank: int, config: dict[str, Any]) -> float:

@@ -18,7 +18,7 @@ import torch
 
 from server.adapters.lora import LoraBatch, ResidentAdapters
 from server.engine.kv_cache import KVCache
-from server.model.llama import CausalLM, ForwardBatch
+from server.model.decoder import CausalLM, ForwardBatch
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from server.model.llama import ArchConfig
+from server.model.arch import ArchConfig
 
 _GROWTH_QUANTUM = 256  # tokens; capacity grows in these steps to bound re-allocations
 

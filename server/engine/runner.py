@@ -10,8 +10,8 @@ import torch
 from server.adapters.lora import ResidentAdapters
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache
-from server.engine.scheduler import BatchPlan
-from server.model.llama import CausalLM, ForwardBatch
+from server.engine.scheduler import BatchPlan, StepKind
+from server.model.decoder import CausalLM, ForwardBatch
 
 
 class ModelRunner:
@@ -23,6 +23,8 @@ class ModelRunner:
     @torch.no_grad()
     def run(self, plan: BatchPlan) -> torch.Tensor:
         """Returns logits [len(plan.requests), vocab] (float32) for each request's next token."""
+        if plan.is_decode and any(self.model.recomputes_at(r.total_tokens) for r in plan.requests):
+            return self._decode_with_recompute(plan)
         batch = self.build_batch(plan)
         self.kv.ensure_capacity(max(batch.context_lens))
         if plan.is_decode and self.graphs is not None:
@@ -32,6 +34,23 @@ class ModelRunner:
         if plan.is_decode or not any(r.options.prefill_logprobs for r in plan.requests):
             return self.model(batch, self.kv)
         return self._run_with_prompt_logprobs(plan, batch)
+
+    def _decode_with_recompute(self, plan: BatchPlan) -> torch.Tensor:
+        """A decode step in which some sequences cross a point where transformers recomputes their
+        whole KV cache (Phi-3 longrope: past the original context every key takes the long
+        factors). Those rows are re-prefilled from their first token; the rest decode as usual."""
+        redo = [self.model.recomputes_at(r.total_tokens) for r in plan.requests]
+        logits: list[torch.Tensor] = [None] * len(plan.requests)  # type: ignore[list-item]
+        for again in (False, True):
+            rows = [i for i, flag in enumerate(redo) if flag is again]
+            if not rows:
+                continue
+            sub = BatchPlan(StepKind.DECODE, tuple(plan.requests[i] for i in rows))
+            batch = self.build_batch(sub, whole_sequences=again)
+            self.kv.ensure_capacity(max(batch.context_lens))
+            for i, row in zip(rows, self.model(batch, self.kv)):
+                logits[i] = row
+        return torch.stack(logits)
 
     def _run_with_prompt_logprobs(self, plan: BatchPlan, batch: ForwardBatch) -> torch.Tensor:
         """Prefill that also scores every prompt token of the requests that asked for it."""
@@ -49,9 +68,14 @@ class ModelRunner:
             start += len(span)
         return torch.stack(last)
 
-    def build_batch(self, plan: BatchPlan) -> ForwardBatch:
+    def build_batch(self, plan: BatchPlan, whole_sequences: bool = False) -> ForwardBatch:
+        """whole_sequences: prefill every token each request has so far (a recomputed cache)."""
         requests = plan.requests
-        if plan.is_decode:
+        if whole_sequences:
+            ids = [t for r in requests for t in (*r.prompt_ids, *r.output_ids)]
+            positions = [p for r in requests for p in range(r.total_tokens)]
+            query_lens = [r.total_tokens for r in requests]
+        elif plan.is_decode:
             ids = [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in requests]
             positions = [r.total_tokens - 1 for r in requests]
             query_lens = [1] * len(requests)
@@ -67,7 +91,7 @@ class ModelRunner:
             slots=torch.tensor(slots, dtype=torch.long, device=self.device),
             query_lens=query_lens,
             context_lens=context_lens,
-            is_decode=plan.is_decode,
+            is_decode=plan.is_decode and not whole_sequences,
             lora=self.adapters.batch_for([r.adapter for r in requests], query_lens),
             dense_slots=plan.is_decode and slots == list(range(len(slots))),
             kv_lens=torch.tensor(context_lens, device=self.device) if plan.is_decode else None,

@@ -10,8 +10,9 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from server.config import ModelConfig
+from server.model.decoder import CausalLM, prefer_planless_attention
 from server.model.default_model import DEFAULT_MODEL_NAME, default_model_dir
-from server.model.llama import CausalLM, prefer_planless_attention, quantize_int8
+from server.model.layers import quantize_int8
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,193 @@
+"""One decoder for every supported family (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3), written for
+ragged continuous batches.
+
+A forward pass takes a ForwardBatch: the new tokens of every sequence flattened into one row,
+and the KV-cache slot of each sequence. Linear layers run once over all tokens (q/k/v and gate/up
+fused into one matmul each); attention runs per sequence for prefills and batched for decode steps.
+The families differ in a few named ways, fixed at construction from the ArchConfig: the norm,
+Gemma's sandwich norms and embedding scale, q/k norms, the RoPE variant per layer, sliding windows
+and soft-caps (see docs/models.md).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.model.arch import ArchConfig
+from server.model.attention import Attention, KVStore, StepTensors, Window, decode_masks, prefill_masks
+from server.model.checkpoint import load_weights
+from server.model.layers import LoraTarget, Projection, make_norm
+from server.model.rope import LongRope, Rotary, build_rotaries
+
+_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+@dataclass
+class ForwardBatch:
+    """Flattened new tokens of every sequence in a step, and where each sequence lives in the cache."""
+
+    input_ids: torch.Tensor  # [tokens] long
+    positions: torch.Tensor  # [tokens] long
+    slots: torch.Tensor  # [seqs] long, KV-cache slot of each sequence
+    query_lens: list[int]  # new tokens per sequence (all 1 in a decode step)
+    context_lens: list[int]  # tokens in the cache per sequence after this step
+    is_decode: bool
+    lora: Any = None  # per-row adapter plan, consumed by LoRA-wrapped projections
+    logit_rows: Optional[torch.Tensor] = None  # [rows] tokens to return logits for; default: each last
+    dense_slots: bool = False  # decode: slots are exactly 0..seqs-1, so attention reads a cache view
+    # Decode only, so a step needs no host data inside the model (what CUDA-graph capture requires):
+    kv_lens: Optional[torch.Tensor] = None  # [seqs] long, context_lens on the device
+    attend_len: int = 0  # cache positions attention reads: >= max(context_lens); fixed when graphed
+
+    @property
+    def last_token_rows(self) -> torch.Tensor:  # [seqs] index of each sequence's last token
+        ends = torch.tensor(self.query_lens, device=self.input_ids.device).cumsum(0)
+        return ends - 1
+
+    def token_seq_lens(self) -> torch.Tensor:
+        """[tokens] the length of each token's sequence after this step (longrope, dynamic NTK)."""
+        if self.is_decode:
+            return self.kv_lens
+        lens = torch.tensor(self.context_lens, device=self.input_ids.device)
+        return lens.repeat_interleave(torch.tensor(self.query_lens, device=self.input_ids.device))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        self.intermediate_size = cfg.intermediate_size
+        self.act = _ACTIVATIONS[cfg.activation]
+        parts = {"gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}
+        self.gate_up_proj = Projection(cfg.hidden_size, parts, bias=cfg.mlp_bias)
+        self.down_proj = Projection(cfg.intermediate_size, {"down_proj": cfg.hidden_size}, bias=cfg.mlp_bias)
+
+    def lora_targets(self) -> dict[str, LoraTarget]:
+        return {**self.gate_up_proj.targets, **self.down_proj.targets}
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, batch).split(self.intermediate_size, dim=-1)
+        return self.down_proj(self.act(gate) * up, batch)
+
+
+class DecoderLayer(nn.Module):
+    """Llama's pre-norm layer: x += attn(norm(x)); x += mlp(norm(x))."""
+
+    def __init__(self, cfg: ArchConfig, index: int) -> None:
+        super().__init__()
+        self.input_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, index)
+        self.post_attention_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, step: StepTensors) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), step)
+        return x + self.mlp(self.post_attention_layernorm(x), step.batch)
+
+
+class SandwichDecoderLayer(DecoderLayer):
+    """Gemma's layer: each block's output is normed before it joins the residual stream, so
+    `post_attention_layernorm` norms the attention output and the MLP gets norms of its own."""
+
+    def __init__(self, cfg: ArchConfig, index: int) -> None:
+        super().__init__(cfg, index)
+        self.pre_feedforward_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_feedforward_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, step: StepTensors) -> torch.Tensor:
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), step))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), step.batch))
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        self.embed_scale = cfg.embed_scale
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        layer = SandwichDecoderLayer if cfg.sandwich_norms else DecoderLayer
+        self.layers = nn.ModuleList(layer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = make_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)  # [tokens, hidden]
+        if self.embed_scale is not None:  # Gemma: the scale rounded to the model dtype, as transformers does
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
+        return h
+
+
+class CausalLM(nn.Module):
+    """Decoder + LM head. forward() returns logits for each sequence's last new token (or the
+    batch's `logit_rows`)."""
+
+    def __init__(self, cfg: ArchConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = Projection(cfg.hidden_size, {"lm_head": cfg.vocab_size}, bias=False)  # never adapted
+        self.windows: set[Window] = set(cfg.layer_windows)
+        self.rotaries: dict[str, Rotary] = {}  # made on the device by from_pretrained / init_rotaries
+
+    def init_rotaries(self, device: torch.device) -> None:
+        self.rotaries = build_rotaries(self.config, device)
+
+    def recomputes_at(self, context_len: int) -> bool:
+        """Whether a sequence reaching this length has its whole KV cache recomputed, as
+        transformers does for Phi-3 longrope when a sequence first passes the original context."""
+        return any(isinstance(r, LongRope) and context_len == r.switch_len + 1 for r in self.rotaries.values())
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether a decode step reads no host data (CUDA graphs can replay it)."""
+        return all(r.graph_safe for r in self.rotaries.values())
+
+    def forward(self, batch: ForwardBatch, kv: KVStore) -> torch.Tensor:
+        h = self.model.embed(batch.input_ids)  # [tokens, hidden]
+        step = self.step_tensors(batch, kv, h.dtype)
+        for layer in self.model.layers:
+            h = layer(h, step)
+        if batch.logit_rows is not None:
+            h = h[batch.logit_rows]
+        elif not batch.is_decode:  # a decode step's rows are already each sequence's last token
+            h = h[batch.last_token_rows]
+        logits = self.lm_head(self.model.norm(h))  # [rows, vocab]
+        if self.config.final_softcap is not None:
+            logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
+        return logits.float()
+
+    def lora_targets(self) -> dict[tuple[int, str], LoraTarget]:
+        """(layer index, projection name) -> where that projection's LoRA hangs."""
+        return {(i, name): target for i, layer in enumerate(self.model.layers)
+                for part in (layer.self_attn, layer.mlp) for name, target in part.lora_targets().items()}
+
+    def step_tensors(self, batch: ForwardBatch, kv: KVStore, dtype: torch.dtype) -> StepTensors:
+        seq_lens = batch.token_seq_lens() if any(r.needs_seq_lens for r in self.rotaries.values()) else None
+        rope = {key: r.cos_sin(batch.positions, seq_lens, dtype) for key, r in self.rotaries.items()}
+        step = StepTensors(batch, kv, rope)
+        if batch.is_decode:
+            step.decode_masks = decode_masks(batch.kv_lens, batch.attend_len, self.windows, dtype)
+        else:
+            step.prefill_masks = [prefill_masks(n, total, self.windows, batch.input_ids.device)
+                                  for n, total in zip(batch.query_lens, batch.context_lens)]
+        return step
+
+    @classmethod
+    def from_pretrained(cls, model_dir: Path, device: torch.device, dtype: torch.dtype) -> "CausalLM":
+        cfg = ArchConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+        with torch.device("meta"):
+            model = cls(cfg)
+        load_weights(model, model_dir, device, dtype)
+        model.init_rotaries(device)
+        return model.eval()
+
+
+def prefer_planless_attention() -> None:
+    """Keep scaled_dot_product_attention off cuDNN on CUDA: cuDNN builds an execution plan for
+    every new KV length, i.e. every decode step (1.5 ms of host time per call, measured on an
+    H100); the flash and memory-efficient kernels need no plan."""
+    torch.backends.cuda.enable_cudnn_sdp(False)

@@ -1,0 +1,118 @@
+"""The decoder's building blocks: projections that carry per-row LoRA deltas (fused where the
+inputs are shared), their optional int8 copies for small CPU decode steps, and the two RMSNorms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server.model.arch import Norm
+
+
+class LoraTarget(nn.Module):
+    """Where the adapter tier hangs one projection's packed LoRA (`lora`, a PackedLora or None).
+
+    The model never imports the adapter code; it only calls `lora(x, batch.lora)` for a delta.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.lora: Any = None
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, batch: Any) -> None:
+        """y += this projection's LoRA delta for the batch's rows (y may be a column slice)."""
+        if self.lora is not None and batch.lora is not None:
+            y += self.lora(x, batch.lora)
+
+
+INT8_MAX_ROWS = 4  # int8 matmuls beat float ones up to this many rows on CPU (bench/step_time.py)
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """Weight-only int8 copy of a float weight, one scale per output row (symmetric)."""
+
+    values: torch.Tensor  # [out, in] int8
+    scales: torch.Tensor  # [out] in the model dtype
+
+    @classmethod
+    def of(cls, weight: torch.Tensor) -> "Int8Weight":
+        scales = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127
+        values = torch.round(weight.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(values.contiguous(), scales.to(weight.dtype))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+           int8: Optional[Int8Weight]) -> torch.Tensor:
+    """A small decode step reads the int8 copy (half the bytes of bf16: decode is memory-bound);
+    prefills and large batches use the float weight, where the int8 kernel is slower."""
+    if int8 is None or x.shape[0] > INT8_MAX_ROWS:
+        return F.linear(x, weight, bias)
+    y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), int8.values, int8.scales)
+    return y if bias is None else y + bias
+
+
+class Projection(nn.Module):
+    """One linear layer over the batch's tokens, computing one or several projections of the same
+    input side by side (q/k/v and gate/up are fused: fewer, larger matmuls per step). Each part
+    keeps its own LoraTarget, so adapters still see q_proj, k_proj, ... and add per-row deltas."""
+
+    int8: Optional[Int8Weight] = None  # set by quantize_int8()
+
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool) -> None:
+        super().__init__()
+        self.names, self.sizes = tuple(parts), tuple(parts.values())
+        self.weight = nn.Parameter(torch.empty(sum(self.sizes), in_features))
+        self.bias = nn.Parameter(torch.empty(sum(self.sizes))) if bias else None
+        self.targets = nn.ModuleDict({n: LoraTarget(in_features, size) for n, size in parts.items()})
+
+    def forward(self, x: torch.Tensor, batch: Any = None) -> torch.Tensor:
+        """Returns the parts side by side: [tokens, sum(sizes)]."""
+        y = linear(x, self.weight, self.bias, self.int8)
+        if batch is not None and batch.lora is not None:
+            start = 0
+            for name, size in zip(self.names, self.sizes):
+                self.targets[name].add_delta(y[:, start : start + size], x, batch)
+                start += size
+        return y
+
+class RMSNorm(nn.Module):
+    """w * x / rms(x) over the last dimension."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # one op: ATen normalises in fp32 and scales in the input dtype, like the reference model
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class OnePlusRMSNorm(RMSNorm):
+    """Gemma's (1 + w) * x / rms(x), all in fp32 and cast back once, as transformers computes it
+    (its checkpoints store w around 0)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps).to(x.dtype)
+
+
+def make_norm(kind: Norm, dim: int, eps: float) -> RMSNorm:
+    return OnePlusRMSNorm(dim, eps) if kind is Norm.RMS_ONE_PLUS else RMSNorm(dim, eps)
+
+
+def quantize_int8(model: nn.Module) -> int:
+    """Give every projection and the LM head a weight-only int8 copy for small decode steps (the
+    float weights stay for prefills and large batches). Returns the bytes added."""
+    added = 0
+    for module in model.modules():
+        if isinstance(module, Projection):
+            module.int8 = Int8Weight.of(module.weight.detach())
+            added += module.int8.values.numel() + module.int8.scales.numel() * module.int8.scales.element_size()
+    return added

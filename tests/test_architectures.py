@@ -1,0 +1,123 @@
+"""Every supported architecture, served by the real HTTP server from a tiny random checkpoint,
+against transformers (and peft with adapters): the same greedy tokens and log-probs, for prompts
+longer than the sliding windows and past the RoPE switch points, in one mixed-adapter batch."""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.model.default_model import default_model_dir
+from tests.conftest import ServerProcess
+from tests.model_factory import ARCHS, TinyArch, build_adapter, build_checkpoint, reference_greedy
+
+PROMPTS = (  # ~12 and ~38 tokens: windows (16) are crossed while decoding and while prefilling
+    "The quick brown fox jumps over the lazy dog near",
+    "In a distant kingdom surrounded by tall mountains, an old clockmaker spent his days repairing the "
+    "tiny gears of forgotten watches, dreaming of",
+)
+NEW_TOKENS = 24
+ADAPTERS = {"all": dict(rank=8, alpha=16, rslora=False), "some": dict(rank=4, alpha=12, rslora=True)}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir() -> Path:
+    return default_model_dir()
+
+
+def build_arch(arch: TinyArch, root: Path, tokenizer_dir: Path) -> tuple[Path, Path]:
+    model_dir = build_checkpoint(arch, root / "models" / arch.name, tokenizer_dir)
+    adapters = root / "adapters"
+    for i, (name, spec) in enumerate(ADAPTERS.items()):
+        targets = arch.all_targets if name == "all" else arch.lora_targets
+        build_adapter(model_dir, adapters / name / "1", targets, seed=10 + i, **spec)
+    return model_dir, adapters
+
+
+def generate(url: str, prompt: str, adapter: str | None) -> dict:
+    params = {"max_new_tokens": NEW_TOKENS, "details": True, "ignore_eos_token": True}
+    if adapter:
+        params["adapter_id"] = adapter
+    response = httpx.post(url + "/generate", json={"inputs": prompt, "parameters": params}, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[a.name for a in ARCHS])
+def test_architecture_matches_transformers_and_peft(arch: TinyArch, tmp_path: Path, tokenizer_dir: Path):
+    model_dir, adapters = build_arch(arch, tmp_path, tokenizer_dir)
+    server = ServerProcess("--model", str(model_dir), "--max-batch-size", "8",
+                           env={"LORASERVE_ADAPTERS_DIR": str(adapters)}).wait_ready(timeout=120)
+    try:
+        cases = [(prompt, adapter) for prompt in PROMPTS for adapter in (None, "all/1", "some/1")]
+        with ThreadPoolExecutor(len(cases)) as pool:  # concurrent: base and both adapters share batches
+            results = list(pool.map(lambda case: generate(server.url, *case), cases))
+        info = httpx.get(server.url + "/info").json()
+    finally:
+        server.stop()
+    assert info["model_id"] == arch.name
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for (prompt, adapter), result in zip(cases, results):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        adapter_dir = adapters / adapter.split("/")[0] / "1" if adapter else None
+        expected, logprobs = reference_greedy(model_dir, adapter_dir, prompt_ids, NEW_TOKENS, arch.attn_implementation)
+        tokens = result["details"]["tokens"]
+        assert [t["id"] for t in tokens] == expected, (arch.name, adapter, prompt[:20])
+        assert [t["logprob"] for t in tokens] == pytest.approx(logprobs, abs=2e-3), (arch.name, adapter)
+
+
+REFUSED = [
+    ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'; supported: llama, mistral, qwen2, qwen3"),
+    ({"model_type": "mixtral"}, "mixture-of-experts"),
+    ({"model_type": "qwen3_moe"}, "mixture-of-experts"),
+    ({"model_type": "gemma3"}, "vision tower"),
+    ({"model_type": "llama", "rope_scaling": {"rope_type": "proportional", "factor": 2.0}},
+     "unsupported rope_type 'proportional'"),
+    ({"model_type": "llama", "hidden_act": "relu"}, "activation 'relu'"),
+    ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "use_bidirectional_attention"),
+]
+
+
+@pytest.mark.parametrize("config,message", REFUSED, ids=[c["model_type"] + str(i) for i, (c, _) in enumerate(REFUSED)])
+def test_configs_that_cannot_be_run_exactly_are_refused(config: dict, message: str):
+    from server.errors import UnsupportedModelError
+    from server.model.arch import ArchConfig
+
+    with pytest.raises(UnsupportedModelError, match=re.escape(message)):
+        ArchConfig.from_hf({"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4, **config})
+
+
+def test_checkpoint_with_weights_the_decoder_lacks_is_refused(tmp_path: Path, tokenizer_dir: Path):
+    """A tensor with no place in the decoder (here a q_norm in a Llama checkpoint) is refused, never dropped."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from server.errors import UnsupportedModelError
+    from server.model.decoder import CausalLM
+
+    model_dir = build_checkpoint(ARCHS[0], tmp_path / "m", tokenizer_dir)
+    state = load_file(str(model_dir / "model.safetensors"))
+    state["model.layers.0.self_attn.q_norm.weight"] = torch.ones(64)
+    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UnsupportedModelError, match="no place for"):
+        CausalLM.from_pretrained(model_dir, torch.device("cpu"), torch.float32)
+
+
+def test_adapter_for_other_module_names_is_refused(tmp_path: Path, tokenizer_dir: Path):
+    """A Llama-style adapter (q_proj) on Phi-3, whose modules are qkv_proj: a clear 424, not a guess."""
+    from server.adapters.weights import AdapterKey, AdapterLoadError, read_adapter
+    from server.model.arch import ArchConfig
+
+    llama = next(a for a in ARCHS if a.name == "llama3")
+    phi3 = next(a for a in ARCHS if a.name == "phi3-sliding")
+    _, adapters = build_arch(llama, tmp_path / "llama", tokenizer_dir)
+    phi3_config = json.loads((build_checkpoint(phi3, tmp_path / "phi3", tokenizer_dir) / "config.json").read_text())
+    with pytest.raises(AdapterLoadError, match="targets a module the base model does not have"):
+        read_adapter(AdapterKey("pbase", "all/1"), adapters / "all" / "1", ArchConfig.from_hf(phi3_config))
