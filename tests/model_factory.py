@@ -68,8 +68,10 @@ ARCHS = (
 )
 
 
-def build_checkpoint(arch: TinyArch, out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """Random weights in the architecture's own transformers class, saved with the tokenizer."""
+def build_checkpoint(arch: TinyArch, out_dir: Path, tokenizer_dir: Path, seed: int = 0,
+                     disk_dtype: torch.dtype = torch.float32, max_shard_size: str | None = None) -> Path:
+    """Random weights in the architecture's own transformers class, saved with the tokenizer
+    (as `disk_dtype`, in shards with an index when `max_shard_size` is given)."""
     torch.manual_seed(seed)
     config = CONFIG_MAPPING[arch.config["model_type"]](**{**_COMMON, **arch.config})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -81,7 +83,7 @@ def build_checkpoint(arch: TinyArch, out_dir: Path, tokenizer_dir: Path, seed: i
                 param.copy_(noise * 0.3 + (0.0 if arch.config["model_type"].startswith("gemma") else 1.0))
             else:
                 param.copy_(noise * 0.2)
-    model.save_pretrained(out_dir)
+    model.to(disk_dtype).save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tokenizer_dir / name).is_file():
             shutil.copy(tokenizer_dir / name, out_dir / name)

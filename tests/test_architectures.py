@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from server.model.default_model import default_model_dir
 from tests.conftest import ServerProcess
@@ -73,6 +74,29 @@ def test_architecture_matches_transformers_and_peft(arch: TinyArch, tmp_path: Pa
         assert [t["logprob"] for t in tokens] == pytest.approx(logprobs, abs=2e-3), (arch.name, adapter)
 
 
+def test_sharded_bf16_checkpoint_ends_on_every_generation_config_eos(tmp_path: Path, tokenizer_dir: Path):
+    """Shards with an index, bf16 on disk served as fp32, and generation_config.json's list of
+    EOS ids (Llama 3 Instruct ends on any of three): the reply ends at the first listed id."""
+    model_dir = build_checkpoint(ARCHS[0], tmp_path / "sharded", tokenizer_dir, disk_dtype=torch.bfloat16,
+                                 max_shard_size="2MB")
+    assert len(list(model_dir.glob("*.safetensors"))) > 2 and (model_dir / "model.safetensors.index.json").is_file()
+    from transformers import AutoTokenizer
+
+    prompt_ids = AutoTokenizer.from_pretrained(model_dir)(PROMPTS[1])["input_ids"]
+    expected, _ = reference_greedy(model_dir, None, prompt_ids, NEW_TOKENS, "sdpa")
+    stop_at = next(i for i in range(3, NEW_TOKENS) if expected[i] not in expected[:i])
+    generation = model_dir / "generation_config.json"
+    generation.write_text(json.dumps({**json.loads(generation.read_text()), "eos_token_id": [2, expected[stop_at]]}))
+    server = ServerProcess("--model", str(model_dir)).wait_ready(timeout=120)
+    try:
+        body = {"inputs": PROMPTS[1], "parameters": {"max_new_tokens": NEW_TOKENS, "details": True}}
+        result = httpx.post(server.url + "/generate", json=body, timeout=60).json()
+    finally:
+        server.stop()
+    assert [t["id"] for t in result["details"]["tokens"]] == expected[: stop_at + 1]
+    assert result["details"]["finish_reason"] == "eos_token"
+
+
 REFUSED = [
     ({"model_type": "gpt2"}, "unsupported model_type 'gpt2'; supported: llama, mistral, qwen2, qwen3"),
     ({"model_type": "mixtral"}, "mixture-of-experts"),
@@ -96,7 +120,6 @@ def test_configs_that_cannot_be_run_exactly_are_refused(config: dict, message: s
 
 def test_checkpoint_with_weights_the_decoder_lacks_is_refused(tmp_path: Path, tokenizer_dir: Path):
     """A tensor with no place in the decoder (here a q_norm in a Llama checkpoint) is refused, never dropped."""
-    import torch
     from safetensors.torch import load_file, save_file
 
     from server.errors import UnsupportedModelError

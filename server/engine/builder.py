@@ -32,7 +32,7 @@ def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> Async
     budget = SchedulerBudget(limits.max_batch_size, limits.max_batch_total_tokens, limits.max_batch_prefill_tokens,
                              limits.max_queue_wait_s)
     graphs = None
-    if loaded.device.type == "cuda" and settings.model.cuda_graph_max_batch_size:
+    if loaded.device.type == "cuda" and settings.model.cuda_graph_max_batch_size and loaded.model.graph_safe:
         graphs = DecodeGraphs(loaded.model, kv, resident, settings.model.cuda_graph_max_batch_size)
     runner = ModelRunner(loaded.model, kv, resident, loaded.device, graphs)
     engine = Engine(runner, Scheduler(budget, kv, resident), loaded.eos_token_ids)

@@ -12,6 +12,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from server.config import ModelConfig
 from server.model.decoder import CausalLM, prefer_planless_attention
 from server.model.default_model import DEFAULT_MODEL_NAME, default_model_dir
+from server.model.generation import GenerationDefaults
 from server.model.layers import quantize_int8
 
 log = logging.getLogger(__name__)
@@ -27,10 +28,12 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
+    generation: GenerationDefaults = GenerationDefaults()
 
     @property
     def eos_token_ids(self) -> frozenset[int]:
-        ids = {self.tokenizer.eos_token_id}
+        """The tokenizer's EOS and every id generation_config.json ends on."""
+        ids = {self.tokenizer.eos_token_id, *self.generation.eos_token_ids}
         generation = getattr(self.tokenizer, "init_kwargs", {}).get("eos_token_id")
         if isinstance(generation, int):
             ids.add(generation)
@@ -95,5 +98,5 @@ def load_model(config: ModelConfig) -> LoadedModel:
             raise ValueError(f"quantize int8 needs dtype bfloat16; the model runs as {dtype}"
                              + (" because this CPU has no native bf16" if config.dtype == "auto" else ""))
         log.info("int8 decode weights: %.0f MB added", quantize_int8(model) / 2**20)
-    return LoadedModel(name, model_dir, model, tokenizer, device, dtype)
+    return LoadedModel(name, model_dir, model, tokenizer, device, dtype, GenerationDefaults.read(model_dir))
 
