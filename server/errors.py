@@ -3,6 +3,8 @@ to each route family's status code and body shape."""
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 
 class ServingError(Exception):
     error_type = "internal"
@@ -65,3 +67,19 @@ class StartupError(Exception):
 
 class UnsupportedModelError(StartupError, ValueError):
     """The checkpoint's config names something the engine can't run exactly (refused, never approximated)."""
+
+
+class ExitCode(IntEnum):
+    """The process's exit status, for supervisors (Docker, Kubernetes, systemd) and scripts."""
+
+    OK = 0
+    INVALID_CONFIG = 2  # a flag or configuration value is malformed (argparse uses 2 as well)
+    ENGINE_DIED = 3  # the engine loop died while serving: restarting is the cure
+    CANNOT_START = 4  # a StartupError: model, device, port or adapter the user must fix; a restart alone won't
+    START_CRASHED = 5  # an unexpected exception while starting (a bug): the traceback is in the log
+
+
+def one_line(error: BaseException | str, limit: int = 500) -> str:
+    """A message as one line (library errors often span several), cut at `limit` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -12,9 +12,10 @@ import logging
 import os
 import re
 import threading
+import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -22,36 +23,60 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
 from server.api import admin, control, native, openai
-from server.api.errors import error_body, error_response, install_error_handlers, is_openai
+from server.api.errors import error_body, install_error_handlers, is_openai
 from server.api.schemas import Info
 from server.config import Settings
 from server.engine.async_engine import AsyncEngine
+from server.engine.builder import StartPhase, StartProgress
+from server.errors import ExitCode, StartupError, one_line
 from server.logs import REQUEST_ID
 from server.metrics import ENGINE_COLLECTOR, HTTP_REQUESTS, REGISTRY
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[[Settings], AsyncEngine]
+LoadFailureHandler = Callable[[Exception], None]
 _SANE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
-class EngineHolder:
-    """Builds the engine off the event loop and remembers why it failed, if it did."""
+class EngineFactory(Protocol):
+    def __call__(self, settings: Settings, *, progress: StartProgress) -> AsyncEngine: ...
 
-    def __init__(self, settings: Settings, factory: EngineFactory) -> None:
-        self.settings, self.factory = settings, factory
+
+class EngineHolder:
+    """Builds the engine off the event loop, remembering which start-up phase it is in and, if
+    the start fails, why; `on_failure` decides what a failure does to the process."""
+
+    def __init__(self, settings: Settings, factory: EngineFactory, on_failure: LoadFailureHandler) -> None:
+        self.settings, self.factory, self.on_failure = settings, factory, on_failure
         self.engine: Optional[AsyncEngine] = None
         self.error: Optional[str] = None
+        self.phase = "starting"
+        self.started_at = self.phase_started_at = time.monotonic()
+
+    def enter(self, phase: StartPhase) -> None:
+        log.info("start-up: %s (%.1f s in)", phase.value, time.monotonic() - self.started_at)
+        self.phase, self.phase_started_at = phase.value, time.monotonic()
 
     def load(self, app: FastAPI) -> None:
         try:
-            engine = self.factory(self.settings)
+            engine = self.factory(self.settings, progress=self.enter)
             engine.engine.start()
             self.engine = app.state.engine = engine
-            log.info("ready: serving %s", engine.loaded.name)
-        except Exception as exc:  # reported on /health; the supervisor decides what to do
-            log.exception("model failed to load")
-            self.error = f"{type(exc).__name__}: {exc}"
+            log.info("ready: serving %s (started in %.1f s)", engine.loaded.name, time.monotonic() - self.started_at)
+        except Exception as exc:  # /health says so until on_failure has ended the process
+            self.error = one_line(exc, limit=2000)
+            self.on_failure(exc)
+
+    def health_details(self) -> dict:
+        now = time.monotonic()
+        return {"phase": self.phase, "elapsed_s": round(now - self.started_at, 1),
+                "phase_elapsed_s": round(now - self.phase_started_at, 1)}
+
+
+def log_load_failure(exc: Exception) -> None:
+    """Without a CLI to end the process (an embedding app, a test), a failed start is logged and
+    /health keeps answering 503 with the reason."""
+    log.error("model failed to load: %s", one_line(exc), exc_info=not isinstance(exc, StartupError))
 
 
 class BodySizeLimit:
@@ -241,11 +266,19 @@ async def exit_when_engine_dies(holder: EngineHolder, period_s: float = 1.0) -> 
         await asyncio.sleep(period_s)
     log.critical("engine loop died (%s): exiting for a restart", holder.engine.engine.fatal_error)
     await asyncio.sleep(period_s)  # let /health report 503 and error responses flush
-    os._exit(3)
+    os._exit(ExitCode.ENGINE_DIED)
 
 
-def create_app(settings: Settings, factory: EngineFactory) -> FastAPI:
-    holder = EngineHolder(settings, factory)
+def unavailable(request: Request, message: str, **details) -> JSONResponse:
+    """503 in the native error shape, plus what a probe or a person needs to tell loading from broken."""
+    return JSONResponse({**error_body(request.url.path, 503, "unavailable", message), **details}, status_code=503)
+
+
+def create_app(settings: Settings, factory: EngineFactory,
+               on_load_failure: LoadFailureHandler = log_load_failure) -> FastAPI:
+    """The app; its engine is built on a background thread once it starts. `on_load_failure` gets
+    the exception if that fails (the CLI stops the server and exits non-zero)."""
+    holder = EngineHolder(settings, factory, on_load_failure)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -280,11 +313,14 @@ def create_app(settings: Settings, factory: EngineFactory) -> FastAPI:
     @app.get("/health")
     async def health(request: Request) -> JSONResponse:
         if holder.error is not None:
-            return error_response(request, 503, "unavailable", f"model failed to load: {holder.error}")
+            return unavailable(request, f"model failed to load: {holder.error}", status="failed",
+                               phase=holder.phase)
         if holder.engine is None:
-            return error_response(request, 503, "unavailable", "the model is still loading")
+            details = holder.health_details()
+            message = f"the model is still loading ({details['phase']}, {details['elapsed_s']:.0f} s so far)"
+            return unavailable(request, message, status="loading", **details)
         if not holder.engine.engine.alive:
-            return error_response(request, 503, "unavailable", "the engine has stopped")
+            return unavailable(request, "the engine has stopped", status="stopped")
         return JSONResponse({"status": "ok"})
 
     @app.get("/info", response_model=Info)

