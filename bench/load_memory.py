@@ -39,17 +39,20 @@ _LOADERS = {
     "transformers": "from transformers import AutoModelForCausalLM\n"
                     "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)",
 }
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would inherit its parent's peak
 _MEASURE = """
-import resource, sys, time, torch
+import sys, time, torch
 from pathlib import Path
 sys.path.insert(0, {root!r})
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def kb(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field))
+base = kb("VmRSS:")
 t = time.perf_counter()
 {load}
 seconds = time.perf_counter() - t
 params = sum(p.numel() * p.element_size() for p in set(m.parameters()))
-print({{"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "rss_before_mb": base / 1024, "weights_mb": params / 2**20}})
+print({{"seconds": seconds, "peak_rss_mb": kb("VmHWM:") / 1024, "rss_before_mb": base / 1024,
+        "weights_mb": params / 2**20}})
 """
 
 

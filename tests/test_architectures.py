@@ -144,3 +144,25 @@ def test_adapter_for_other_module_names_is_refused(tmp_path: Path, tokenizer_dir
     phi3_config = json.loads((build_checkpoint(phi3, tmp_path / "phi3", tokenizer_dir) / "config.json").read_text())
     with pytest.raises(AdapterLoadError, match="targets a module the base model does not have"):
         read_adapter(AdapterKey("pbase", "all/1"), adapters / "all" / "1", ArchConfig.from_hf(phi3_config))
+
+
+@pytest.mark.parametrize("targets,extra,message", [
+    (("embed_tokens", "q_proj"), {}, "LoRA on the embeddings or the LM head is not supported"),
+    (("q_proj",), {"use_dora": True}, "use_dora=true is not supported"),
+    (("q_proj",), {"modules_to_save": ["lm_head"]}, "modules_to_save is not supported"),
+])
+def test_adapters_that_cannot_be_applied_exactly_are_refused(tmp_path: Path, tokenizer_dir: Path, targets, extra,
+                                                             message):
+    """Made by peft itself; each gets a 424 saying why, never an approximation."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from server.adapters.weights import AdapterKey, AdapterLoadError, read_adapter
+    from server.model.arch import ArchConfig
+
+    model_dir = build_checkpoint(ARCHS[0], tmp_path / "m", tokenizer_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), **extra)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), config).save_pretrained(tmp_path / "a")
+    arch = ArchConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
+    with pytest.raises(AdapterLoadError, match=re.escape(message)):
+        read_adapter(AdapterKey("pbase", "a/1"), tmp_path / "a", arch)

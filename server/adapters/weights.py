@@ -157,7 +157,9 @@ def _pair_modules(key: AdapterKey, tensors: dict[str, torch.Tensor], config: dic
     for name, tensor in tensors.items():
         match = _KEY.search(name)
         if match is None:
-            raise AdapterLoadError(f"adapter {key}: unsupported weight {name!r} (LoRA on attention/MLP only)")
+            where = "the embeddings or the LM head" if re.search(r"embed|lm_head", name) else "this module"
+            raise AdapterLoadError(f"adapter {key}: unsupported weight {name!r}: LoRA on {where} is not supported "
+                                   "(only the attention and MLP projections)")
         layer, proj, half = int(match.group(1)), match.group(2), match.group(3)
         if proj not in shapes or layer >= arch.num_layers:
             raise AdapterLoadError(f"adapter {key}: weight {name!r} targets a module the base model does not have")

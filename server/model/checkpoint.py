@@ -92,13 +92,26 @@ def load_weights(model: nn.Module, model_dir: Path, device: torch.device, dtype:
 
 def _copy_in(model: nn.Module, route: Route, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> int:
     name, rows = route
-    param = _materialize(model, name, device, dtype)
-    target = param.data[rows]
-    if target.shape != tensor.shape:
-        raise UnsupportedModelError(f"checkpoint tensor for {name} has shape {tuple(tensor.shape)}, but config.json "
-                                    f"implies {tuple(target.shape)}")
+    if rows == slice(None) and tensor.device == device and tensor.dtype == dtype:
+        return _adopt(model, name, tensor)  # already what the parameter must be: no second copy
+    target = _materialize(model, name, device, dtype).data[rows]
+    _check_shape(name, tensor, target.shape)
     target.copy_(tensor)
     return tensor.numel()
+
+
+def _adopt(model: nn.Module, name: str, tensor: torch.Tensor) -> int:
+    owner_path, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    _check_shape(name, tensor, getattr(owner, attr).shape)
+    setattr(owner, attr, nn.Parameter(tensor, requires_grad=False))
+    return tensor.numel()
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: torch.Size) -> None:
+    if tensor.shape != expected:
+        raise UnsupportedModelError(f"checkpoint tensor for {name} has shape {tuple(tensor.shape)}, but config.json "
+                                    f"implies {tuple(expected)}")
 
 
 def _materialize(model: nn.Module, name: str, device: torch.device, dtype: torch.dtype) -> nn.Parameter:
