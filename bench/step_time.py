@@ -17,7 +17,8 @@ from dataclasses import replace
 from pathlib import Path
 
 
-def measure(batches: list[int], dtype: str, new_tokens: int, threads: int, quantize: str) -> dict[int, float]:
+def measure(batches: list[int], dtype: str, new_tokens: int, threads: int, quantize: str,
+            kv_cache: str) -> dict[int, float]:
     import torch
 
     from server.config import Limits, ModelConfig, Settings
@@ -27,7 +28,8 @@ def measure(batches: list[int], dtype: str, new_tokens: int, threads: int, quant
     from server.model.loader import load_model
 
     torch.set_num_threads(threads)
-    extra = {"quantize": quantize} if quantize != "none" else {}  # older commits have no such option
+    extra = {"quantize": quantize} if quantize != "none" else {}  # older commits have no such options
+    extra.update({"kv_cache": kv_cache} if kv_cache != "auto" else {})
     loaded = load_model(ModelConfig(model="default", device="cpu", dtype=dtype, **extra))
     engine = build_engine(Settings(limits=replace(Limits(), max_batch_size=max(batches))), loaded).engine
     results = {}
@@ -58,10 +60,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantize", default="none", choices=("none", "int8"))
+    parser.add_argument("--kv-cache", default="auto", choices=("auto", "paged", "dense"))
     args = parser.parse_args()
     sys.path.insert(0, str(args.root))
-    ms = measure(args.batches, args.dtype, args.new_tokens, args.threads, args.quantize)
+    ms = measure(args.batches, args.dtype, args.new_tokens, args.threads, args.quantize, args.kv_cache)
     print(json.dumps({"root": str(args.root), "dtype": args.dtype, "quantize": args.quantize, "threads": args.threads,
+                      "kv_cache": args.kv_cache,
                       "step_ms": {b: round(v, 2) for b, v in ms.items()}}))
 
 

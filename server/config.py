@@ -29,6 +29,7 @@ class ModelConfig:
     threads: int = 0
     cuda_graph_max_batch_size: int = 64  # decode steps up to this many rows replay CUDA graphs; 0 = off
     quantize: str = "none"  # "int8": weight-only int8 copies for small CPU decode steps
+    kv_cache: str = "auto"  # paged | dense | auto (paged on CPU; dense on CUDA until a paged kernel lands there)
 
     def __post_init__(self) -> None:
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
@@ -36,6 +37,7 @@ class ModelConfig:
         _check_min("threads", self.threads, 0)
         _check_min("cuda_graph_max_batch_size", self.cuda_graph_max_batch_size, 0)
         _check_choice("quantize", self.quantize, ("none", "int8"))
+        _check_choice("kv_cache", self.kv_cache, ("auto", "paged", "dense"))
         if self.quantize == "int8" and self.device == "cuda":
             raise ConfigError("quantize int8 is a CPU option (its kernel is for small CPU decode steps)")
 
@@ -57,6 +59,8 @@ class Limits:
     max_adapter_memory_mb: int = 1024  # device memory for resident adapters' weights
     max_cached_schemas: int = 128  # compiled JSON-schema grammars kept (LRU)
     max_queue_wait_s: int = 60  # longest wait for a place in the running batch; beyond it: 429 overloaded
+    kv_cache_memory_mb: int = 1024  # the paged KV pool, allocated at start (pages touched as blocks are used)
+    kv_block_size: int = 16  # tokens per KV block
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -238,16 +238,26 @@ class CountRequests:
             HTTP_REQUESTS.labels(route, str(status["code"])).inc()
 
 
+def kv_info(kv) -> dict:
+    if kv.paged:
+        return {"kv_cache": "paged", "kv_cache_tokens": kv.capacity_tokens, "kv_block_size": kv.block_size,
+                "kv_cache_memory_mb": kv.capacity_bytes // 2**20}
+    return {"kv_cache": "dense", "kv_cache_tokens": kv.max_slots * kv.max_tokens, "kv_block_size": 0,
+            "kv_cache_memory_mb": kv.capacity_bytes // 2**20}
+
+
 def engine_snapshot(holder: EngineHolder) -> dict:
     engine = holder.engine
     if engine is None:
         return {"queue_depth": 0, "running_requests": 0, "in_flight_requests": 0, "kv_slots_used": 0,
+                "kv_cache_used_bytes": 0, "kv_cache_capacity_bytes": 0,
                 "pinned_adapters": 0, "device_adapters": 0, "cpu_adapters": 0, "adapter_events": {}}
     scheduler, store = engine.engine.scheduler, engine.store
     running = list(scheduler.running)  # the engine thread changes it; a copy is a consistent enough sample
     return {
         "queue_depth": sum(map(len, list(scheduler.queues.values()))), "running_requests": len(running),
         "in_flight_requests": engine.in_flight, "kv_slots_used": scheduler.kv.used_slots,
+        "kv_cache_used_bytes": scheduler.kv.used_bytes, "kv_cache_capacity_bytes": scheduler.kv.capacity_bytes,
         "pinned_adapters": len({id(r.adapter) for r in running if r.adapter is not None}),
         "device_adapters": len(scheduler.adapters.active),
         "cpu_adapters": len(store.cpu_resident()),
@@ -332,7 +342,8 @@ def create_app(settings: Settings, factory: EngineFactory,
             model_dtype=str(engine.loaded.dtype).removeprefix("torch."),
             model_device_type=engine.loaded.device.type,
             version=__version__,
-            **{k: getattr(limits, k) for k in Info.model_fields if hasattr(limits, k)},
+            **kv_info(engine.engine.scheduler.kv),
+            **{k: getattr(limits, k) for k in Info.model_fields if hasattr(limits, k) and not k.startswith("kv_")},
         )
 
     return app

@@ -116,4 +116,8 @@ class Info(BaseModel):
     max_concurrent_requests: int
     max_stop_sequences: int
     max_active_adapters: int
+    kv_cache: str  # paged | dense
+    kv_cache_tokens: int  # paged: the pool's tokens; dense: max_batch_size x max_total_tokens
+    kv_cache_memory_mb: int  # paged: the pool; dense: what is allocated now (grown on demand)
+    kv_block_size: int  # paged: tokens per block; dense: 0
     version: str

@@ -19,7 +19,7 @@ from server.engine.async_engine import AsyncEngine
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.engine import Engine
-from server.engine.kv_cache import KVCache
+from server.engine.kv_cache import KVCache, PagedKVCache
 from server.engine.request import Request, SamplingParams, StopCriteria
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerBudget
@@ -75,14 +75,33 @@ def _load(config: ModelConfig, phases: PhaseLog) -> LoadedModel:
     return load_model_explained(config, resolved)
 
 
+def build_kv_cache(settings: Settings, loaded: LoadedModel) -> KVCache | PagedKVCache:
+    """Paged on CPU (and wherever asked for); dense slots on CUDA, where decode is CUDA-graphed over
+    views of them, until a paged attention kernel is in place there."""
+    limits, layout = settings.limits, settings.model.kv_cache
+    arch = loaded.model.config
+    if layout == "dense" or (layout == "auto" and loaded.device.type == "cuda"):
+        return KVCache(arch, limits.max_batch_size, limits.max_total_tokens, loaded.device, loaded.dtype,
+                       limits.max_batch_total_tokens)
+    kv = PagedKVCache.sized(arch, limits.kv_cache_memory_mb * 2**20, limits.kv_block_size, loaded.device, loaded.dtype)
+    if kv.capacity_tokens < limits.max_total_tokens:
+        raise StartupError(f"kv_cache_memory_mb ({limits.kv_cache_memory_mb}) holds {kv.capacity_tokens} tokens of "
+                           f"this model, fewer than one request's max_total_tokens ({limits.max_total_tokens}): "
+                           "raise kv_cache_memory_mb or lower max_total_tokens")
+    log.info("paged KV cache: %d blocks of %d tokens, %d tokens in %.0f MB", kv.pool.num_blocks - 1,
+             kv.block_size, kv.capacity_tokens, kv.capacity_bytes / 2**20)
+    return kv
+
+
 def _assemble(settings: Settings, loaded: LoadedModel, phases: PhaseLog) -> AsyncEngine:
     limits = settings.limits
-    kv = KVCache(loaded.model.config, limits.max_batch_size, limits.max_total_tokens, loaded.device, loaded.dtype)
+    kv = build_kv_cache(settings, loaded)
     resident = ResidentAdapters(loaded.model, limits.max_active_adapters, limits.max_adapter_memory_mb * 2**20)
     budget = SchedulerBudget(limits.max_batch_size, limits.max_batch_total_tokens, limits.max_batch_prefill_tokens,
                              limits.max_queue_wait_s)
     graphs = None
-    if loaded.device.type == "cuda" and settings.model.cuda_graph_max_batch_size and loaded.model.graph_safe:
+    if (loaded.device.type == "cuda" and settings.model.cuda_graph_max_batch_size and loaded.model.graph_safe
+            and not kv.paged):
         graphs = DecodeGraphs(loaded.model, kv, resident, settings.model.cuda_graph_max_batch_size)
     runner = ModelRunner(loaded.model, kv, resident, loaded.device, graphs)
     engine = Engine(runner, Scheduler(budget, kv, resident), loaded.eos_token_ids)

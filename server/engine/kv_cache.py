@@ -1,24 +1,38 @@
-"""Slot-based KV cache: one slot per running sequence, capacity grown on demand.
+"""The KV cache, in two layouts behind one interface (the scheduler admits and frees through it,
+the runner asks it where a batch's tokens go, attention reads and writes through it):
 
-Slots are kept dense (running sequences occupy 0..n-1) so a decode step attends over a view of
-the cache instead of a gathered copy; when a sequence leaves, the last slot moves into its hole.
+- `PagedKVCache` (the default on CPU): one pool of fixed-size blocks sized from a memory budget,
+  a block table per sequence, blocks taken as sequences grow and returned when they leave (no
+  copying). Admission counts the blocks a request needs now, not its worst case; when the pool runs
+  out mid-decode the scheduler preempts the newest request, which is recomputed later.
+- `KVCache` (dense; CUDA until a paged attention kernel lands there): one slot per running
+  sequence, kept dense (running sequences occupy 0..n-1) so a decode step attends over a view and
+  CUDA graphs can replay it; capacity grows on demand; admission reserves each request's worst case.
 """
 
 from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import torch
 
 from server.model.arch import ArchConfig
 
-_GROWTH_QUANTUM = 256  # tokens; capacity grows in these steps to bound re-allocations
+_GROWTH_QUANTUM = 256  # tokens; dense capacity grows in these steps to bound re-allocations
 
 
 class KVCache:
-    def __init__(
-        self, arch: ArchConfig, max_slots: int, max_tokens_per_slot: int, device: torch.device, dtype: torch.dtype
-    ) -> None:
+    """Dense slots (see the module docstring)."""
+
+    paged = False
+
+    def __init__(self, arch: ArchConfig, max_slots: int, max_tokens_per_slot: int, device: torch.device,
+                 dtype: torch.dtype, max_reserved_tokens: Optional[int] = None) -> None:
         self.arch, self.max_slots, self.max_tokens = arch, max_slots, max_tokens_per_slot
         self.device, self.dtype = device, dtype
+        self.max_reserved_tokens = max_reserved_tokens or max_slots * max_tokens_per_slot
         self.capacity = 0
         self.keys: list[torch.Tensor] = []  # per layer: [slots, kv_heads, capacity, head_dim]
         self.values: list[torch.Tensor] = []
@@ -30,6 +44,34 @@ class KVCache:
     @property
     def used_slots(self) -> int:
         return sum(owner is not None for owner in self._owners)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    @property
+    def used_bytes(self) -> int:
+        return self.capacity_bytes * self.used_slots // self.max_slots
+
+    # -- scheduler side ----------------------------------------------------------------------------
+    def can_admit(self, request: Any, running: Sequence[Any]) -> bool:
+        """A free slot, and the running requests' worst cases plus this one's within the budget."""
+        reserved = sum(r.max_total_tokens for r in running)
+        return self.used_slots < self.max_slots and reserved + request.max_total_tokens <= self.max_reserved_tokens
+
+    def admit(self, request: Any) -> None:
+        request.slot = self.allocate(request)
+
+    def grow(self, request: Any) -> bool:
+        """Room for the request's next token: always (its worst case was reserved at admission)."""
+        return True
+
+    def release(self, request: Any) -> None:
+        moved = self.free(request.slot)
+        if moved is not None:
+            owner, new_slot = moved
+            owner.slot = new_slot
+        request.slot = None
 
     def allocate(self, owner: object) -> int:
         """Give `owner` the lowest free slot (dense slots keep decode views contiguous)."""
@@ -71,3 +113,197 @@ class KVCache:
             grown_k.append(k)
             grown_v.append(v)
         self.keys, self.values, self.capacity = grown_k, grown_v, new_capacity
+
+    # -- runner side -------------------------------------------------------------------------------
+    def index(self, requests: Sequence[Any], query_lens: list[int], is_decode: bool, attend_len: int) -> None:
+        """Dense slots need nothing beyond the batch's slots and positions."""
+        return None
+
+    # -- attention side ----------------------------------------------------------------------------
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: Any) -> None:
+        """k, v: [tokens, kv_heads, head_dim], the batch's new tokens."""
+        k_cache, v_cache = self.layer(layer)
+        if batch.is_decode:
+            k_cache[batch.slots, :, batch.positions] = k
+            v_cache[batch.slots, :, batch.positions] = v
+            return
+        start = 0
+        for slot, n_new, total in zip(batch.slots.tolist(), batch.query_lens, batch.context_lens):
+            k_cache[slot, :, total - n_new : total] = k[start : start + n_new].transpose(0, 1)
+            v_cache[slot, :, total - n_new : total] = v[start : start + n_new].transpose(0, 1)
+            start += n_new
+
+    def decode_kv(self, layer: int, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [seqs, kv_heads, attend_len, head_dim] of a decode batch's sequences."""
+        k_cache, v_cache = self.layer(layer)
+        length, seqs = batch.attend_len, batch.slots.shape[0]
+        if batch.dense_slots:
+            return k_cache[:seqs, :, :length], v_cache[:seqs, :, :length]  # views, no copy
+        return k_cache[batch.slots, :, :length], v_cache[batch.slots, :, :length]
+
+    def prefill_kv(self, layer: int, batch: Any, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [1, kv_heads, context_len, head_dim] of one prefilled sequence."""
+        k_cache, v_cache = self.layer(layer)
+        slot, total = int(batch.slots[seq]), batch.context_lens[seq]
+        return k_cache[slot : slot + 1, :, :total], v_cache[slot : slot + 1, :, :total]
+
+
+@dataclass(frozen=True)
+class PagedIndex:
+    """Where one batch's tokens live in the block pool, as flat slot numbers (block * size + offset)."""
+
+    slot_mapping: torch.Tensor  # [tokens] where each new token's K and V are written
+    gather: Optional[torch.Tensor]  # decode: [seqs, attend_len] the slots each row attends over (padding: 0)
+    sequences: tuple[torch.Tensor, ...]  # prefill: per sequence [context_len] its slots in order
+
+
+class BlockPool:
+    """Fixed-size blocks handed out and returned; block 0 is kept back, zeroed, as the padding target."""
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.free: deque[int] = deque(range(1, num_blocks))
+        self.fresh: set[int] = set(range(1, num_blocks))  # never handed out: contents not yet zeroed
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - 1 - len(self.free)
+
+    def take(self, count: int) -> list[int]:
+        assert count <= len(self.free), "callers check num_free first"
+        return [self.free.popleft() for _ in range(count)]
+
+    def give_back(self, blocks: list[int]) -> None:
+        self.free.extend(blocks)
+
+
+class PagedKVCache:
+    """Paged blocks (see the module docstring). K and V of each layer: [blocks * block_size,
+    kv_heads, head_dim], so a token's flat slot is block * block_size + offset."""
+
+    paged = True
+
+    def __init__(self, arch: ArchConfig, num_blocks: int, block_size: int, device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.arch, self.block_size, self.device, self.dtype = arch, block_size, device, dtype
+        self.pool = BlockPool(num_blocks)
+        shape = (num_blocks * block_size, arch.num_kv_heads, arch.head_dim)
+        # empty, not zeros: untouched pages cost no memory; each block is zeroed when first handed out
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(arch.num_layers)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(arch.num_layers)]
+        self._holders = 0
+        self._zero([0])
+
+    @classmethod
+    def sized(cls, arch: ArchConfig, memory_bytes: int, block_size: int, device: torch.device,
+              dtype: torch.dtype) -> "PagedKVCache":
+        return cls(arch, max(2, memory_bytes // cls.block_bytes(arch, block_size, dtype)), block_size, device, dtype)
+
+    @staticmethod
+    def block_bytes(arch: ArchConfig, block_size: int, dtype: torch.dtype) -> int:
+        return 2 * arch.num_layers * block_size * arch.num_kv_heads * arch.head_dim * dtype.itemsize
+
+    @property
+    def capacity_tokens(self) -> int:
+        return (self.pool.num_blocks - 1) * self.block_size
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.pool.num_blocks * self.block_bytes(self.arch, self.block_size, self.dtype)
+
+    @property
+    def used_bytes(self) -> int:
+        return self.pool.num_used * self.block_bytes(self.arch, self.block_size, self.dtype)
+
+    @property
+    def used_slots(self) -> int:
+        """Sequences holding blocks."""
+        return self._holders
+
+    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[index], self.values[index]
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    # -- scheduler side ----------------------------------------------------------------------------
+    def can_admit(self, request: Any, running: Sequence[Any]) -> bool:
+        """Blocks for every token the request has now (its prompt, or prompt and output when it is
+        recomputed after a preemption), and one spare block per running sequence so admitting it
+        does not at once force a preemption."""
+        spare = sum(1 for r in running if r.total_tokens % self.block_size == 0)
+        return self.blocks_for(request.total_tokens) + spare <= self.pool.num_free
+
+    def admit(self, request: Any) -> None:
+        request.block_table = []
+        self._holders += 1
+        assert self.grow(request), "can_admit checked the blocks"
+
+    def grow(self, request: Any) -> bool:
+        """Extend the request's block table to cover all its tokens; False if the pool is out."""
+        missing = self.blocks_for(request.total_tokens) - len(request.block_table)
+        if missing <= 0:
+            return True
+        if missing > self.pool.num_free:
+            return False
+        blocks = self.pool.take(missing)
+        self._zero([b for b in blocks if b in self.pool.fresh])
+        request.block_table.extend(blocks)
+        return True
+
+    def release(self, request: Any) -> None:
+        self.pool.give_back(request.block_table)
+        request.block_table = []
+        self._holders -= 1
+
+    def ensure_capacity(self, tokens: int) -> None:
+        """The pool is allocated once; a single request's size is checked at start (fits_one)."""
+
+    def _zero(self, blocks: list[int]) -> None:
+        if not blocks:
+            return
+        slots = torch.cat([torch.arange(b * self.block_size, (b + 1) * self.block_size) for b in blocks])
+        slots = slots.to(self.device)
+        for k, v in zip(self.keys, self.values):
+            k[slots] = 0
+            v[slots] = 0
+        self.pool.fresh.difference_update(blocks)
+
+    # -- runner side -------------------------------------------------------------------------------
+    def index(self, requests: Sequence[Any], query_lens: list[int], is_decode: bool, attend_len: int) -> PagedIndex:
+        """The flat slots of the batch's new tokens (each sequence's last query_len positions) and
+        of what attention reads: every row's first attend_len positions (decode; padding reads the
+        zeroed block 0 under the mask) or each sequence's whole context (prefill)."""
+        size, lengths = self.block_size, [r.total_tokens for r in requests]
+        table = torch.nn.utils.rnn.pad_sequence([torch.tensor(r.block_table, dtype=torch.long) for r in requests],
+                                                batch_first=True)  # [seqs, max_blocks], padding block 0
+        if is_decode:
+            table = torch.nn.functional.pad(table, (0, max(0, self.blocks_for(attend_len) - table.shape[1])))
+            reach = torch.arange(attend_len)
+            gather = table[:, reach // size] * size + reach % size  # [seqs, attend_len]
+            gather = torch.where(reach[None, :] < torch.tensor(lengths)[:, None], gather, 0)
+            last = torch.tensor(lengths) - 1
+            return PagedIndex(gather[torch.arange(len(requests)), last].to(self.device), gather.to(self.device), ())
+        sequences = [row[torch.arange(n) // size] * size + torch.arange(n) % size for row, n in zip(table, lengths)]
+        mapping = torch.cat([seq[n - q :] for seq, n, q in zip(sequences, lengths, query_lens)])
+        return PagedIndex(mapping.to(self.device), None, tuple(seq.to(self.device) for seq in sequences))
+
+    # -- attention side ----------------------------------------------------------------------------
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: Any) -> None:
+        k_cache, v_cache = self.layer(layer)
+        k_cache.index_copy_(0, batch.kv_index.slot_mapping, k)
+        v_cache.index_copy_(0, batch.kv_index.slot_mapping, v)
+
+    def decode_kv(self, layer: int, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        k_cache, v_cache = self.layer(layer)
+        gather = batch.kv_index.gather  # [seqs, attend_len]
+        return k_cache[gather].transpose(1, 2), v_cache[gather].transpose(1, 2)
+
+    def prefill_kv(self, layer: int, batch: Any, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k_cache, v_cache = self.layer(layer)
+        slots = batch.kv_index.sequences[seq]  # [context_len]
+        return k_cache[slots].transpose(0, 1).unsqueeze(0), v_cache[slots].transpose(0, 1).unsqueeze(0)

@@ -127,7 +127,9 @@ class Request:
     prefill_logprobs: list[Optional[float]] = field(default_factory=list)  # filled at prefill if asked
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: Optional[FinishReason] = None
-    slot: Optional[int] = None
+    slot: Optional[int] = None  # dense KV cache: the sequence's slot
+    block_table: list[int] = field(default_factory=list)  # paged KV cache: the blocks holding its tokens
+    admitted_seq: int = -1  # admission order: the newest running request is preempted first
     generator: Optional[torch.Generator] = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: Optional[float] = None

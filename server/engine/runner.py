@@ -31,7 +31,7 @@ class ModelRunner:
             logits = self.graphs.run(batch)
             if logits is not None:
                 return logits
-        if plan.is_decode or not any(r.options.prefill_logprobs for r in plan.requests):
+        if plan.is_decode or not any(_scores_prompt(r) for r in plan.requests):
             return self.model(batch, self.kv)
         return self._run_with_prompt_logprobs(plan, batch)
 
@@ -55,35 +55,34 @@ class ModelRunner:
     def _run_with_prompt_logprobs(self, plan: BatchPlan, batch: ForwardBatch) -> torch.Tensor:
         """Prefill that also scores every prompt token of the requests that asked for it."""
         ends = batch.last_token_rows.tolist()
-        spans = [range(end - n + 1, end + 1) if r.options.prefill_logprobs else range(end, end + 1)
+        spans = [range(end - n + 1, end + 1) if _scores_prompt(r) else range(end, end + 1)
                  for r, n, end in zip(plan.requests, batch.query_lens, ends)]
         batch.logit_rows = torch.tensor([i for span in spans for i in span], device=self.device)
         logits = self.model(batch, self.kv)  # [sum(len(span)), vocab]
         last, start = [], 0
         for request, span in zip(plan.requests, spans):
             rows = logits[start : start + len(span)]
-            if request.options.prefill_logprobs:
+            if _scores_prompt(request):
                 request.prefill_logprobs = score_prompt(rows[:-1], request.prompt_ids)
             last.append(rows[-1])
             start += len(span)
         return torch.stack(last)
 
     def build_batch(self, plan: BatchPlan, whole_sequences: bool = False) -> ForwardBatch:
-        """whole_sequences: prefill every token each request has so far (a recomputed cache)."""
+        """A prefill feeds every token a request has (its prompt; prompt and output when its cache is
+        recomputed, after a preemption or, with whole_sequences, a longrope crossing); a decode step
+        feeds each request's last token."""
         requests = plan.requests
-        if whole_sequences:
-            ids = [t for r in requests for t in (*r.prompt_ids, *r.output_ids)]
-            positions = [p for r in requests for p in range(r.total_tokens)]
-            query_lens = [r.total_tokens for r in requests]
-        elif plan.is_decode:
-            ids = [r.output_ids[-1] if r.output_ids else r.prompt_ids[-1] for r in requests]
+        is_decode = plan.is_decode and not whole_sequences
+        if is_decode:
+            ids = [r.all_token_ids[-1] for r in requests]
             positions = [r.total_tokens - 1 for r in requests]
             query_lens = [1] * len(requests)
         else:
-            ids = [t for r in requests for t in r.prompt_ids]
-            positions = [p for r in requests for p in range(r.num_prompt_tokens)]
-            query_lens = [r.num_prompt_tokens for r in requests]
-        slots = [r.slot for r in requests]
+            ids = [t for r in requests for t in r.all_token_ids]
+            positions = [p for r in requests for p in range(r.total_tokens)]
+            query_lens = [r.total_tokens for r in requests]
+        slots = [r.slot if r.slot is not None else -1 for r in requests]
         context_lens = [r.total_tokens for r in requests]
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
@@ -91,12 +90,18 @@ class ModelRunner:
             slots=torch.tensor(slots, dtype=torch.long, device=self.device),
             query_lens=query_lens,
             context_lens=context_lens,
-            is_decode=plan.is_decode and not whole_sequences,
+            is_decode=is_decode,
             lora=self.adapters.batch_for([r.adapter for r in requests], query_lens),
-            dense_slots=plan.is_decode and slots == list(range(len(slots))),
+            dense_slots=is_decode and slots == list(range(len(slots))),
             kv_lens=torch.tensor(context_lens, device=self.device) if plan.is_decode else None,
             attend_len=max(context_lens),
+            kv_index=self.kv.index(requests, query_lens, is_decode, max(context_lens)),
         )
+
+
+def _scores_prompt(request) -> bool:
+    """Prompt log-probs are computed at the first prefill only (not again when recomputed)."""
+    return request.options.prefill_logprobs and not request.output_ids
 
 
 def score_prompt(logits: torch.Tensor, prompt_ids: list[int]) -> list[float | None]:

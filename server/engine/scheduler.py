@@ -16,6 +16,7 @@ A request that has waited longer than max_queue_wait_s for admission is failed a
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import OrderedDict, deque
@@ -25,9 +26,9 @@ from typing import Optional
 
 from server.adapters.lora import ResidentAdapters
 from server.adapters.weights import AdapterWeights
-from server.engine.kv_cache import KVCache
+from server.engine.kv_cache import KVCache, PagedKVCache
 from server.engine.request import FinishReason, Request, RequestStatus
-from server.metrics import REJECTED
+from server.metrics import PREEMPTIONS, REJECTED
 
 
 class StepKind(Enum):
@@ -56,11 +57,12 @@ class SchedulerBudget:
 
 
 class Scheduler:
-    def __init__(self, budget: SchedulerBudget, kv: KVCache, adapters: ResidentAdapters) -> None:
+    def __init__(self, budget: SchedulerBudget, kv: KVCache | PagedKVCache, adapters: ResidentAdapters) -> None:
         self.budget, self.kv, self.adapters = budget, kv, adapters
         self.queues: OrderedDict[Optional[AdapterWeights], deque[Request]] = OrderedDict()
         self.running: list[Request] = []
         self.draining: set[AdapterWeights] = set()
+        self._admissions = itertools.count()
 
     @property
     def waiting(self) -> list[Request]:
@@ -82,9 +84,26 @@ class Scheduler:
         admitted = self._admit()
         if admitted:
             return BatchPlan(StepKind.PREFILL, tuple(admitted))
+        self._make_room_for_decode()
         if self.running:
-            return BatchPlan(StepKind.DECODE, tuple(sorted(self.running, key=lambda r: r.slot)))
+            order = (lambda r: r.slot) if not self.kv.paged else (lambda r: r.admitted_seq)
+            return BatchPlan(StepKind.DECODE, tuple(sorted(self.running, key=order)))
         return None
+
+    def _make_room_for_decode(self) -> None:
+        """Give every running request room for its next token, oldest first; when the KV pool is
+        out, preempt the newest (its blocks freed, the request back at the head of its queue,
+        recomputed from prompt and output when admitted again: nothing lost, nothing repeated)."""
+        for request in sorted(self.running, key=lambda r: r.admitted_seq):
+            while request in self.running and not self.kv.grow(request):
+                self._preempt(max(self.running, key=lambda r: r.admitted_seq))
+
+    def _preempt(self, request: Request) -> None:
+        PREEMPTIONS.inc()
+        self.running.remove(request)
+        self.kv.release(request)
+        request.status = RequestStatus.WAITING
+        self.queues.setdefault(request.adapter, deque()).appendleft(request)
 
     def _admit(self) -> list[Request]:
         if not any(a is not None and not self.adapters.is_active(a) for a in self.queues):
@@ -109,7 +128,8 @@ class Scheduler:
         limit = self.budget.max_queue_wait_s
         for adapter in list(self.queues):
             queue = self.queues[adapter]
-            while queue and now - queue[0].arrival_time > limit:
+            # a preempted request (it has output already) is never failed for waiting: it was admitted once
+            while queue and not queue[0].output_ids and now - queue[0].arrival_time > limit:
                 request = queue.popleft()
                 REJECTED.labels("queue_timeout").inc()
                 request.finish(FinishReason.ERROR, f"waited more than max_queue_wait_s ({limit:g} s) for a place in "
@@ -118,11 +138,11 @@ class Scheduler:
                 del self.queues[adapter]
 
     def _fits(self, request: Request, admitted: list[Request]) -> bool:
-        prefill = sum(r.num_prompt_tokens for r in admitted) + request.num_prompt_tokens
+        prefill = sum(r.total_tokens for r in admitted) + request.total_tokens
         return (
             len(self.running) < self.budget.max_batch_size
-            and prefill <= self.budget.max_batch_prefill_tokens
-            and self.reserved_tokens + request.max_total_tokens <= self.budget.max_batch_total_tokens
+            and (prefill <= self.budget.max_batch_prefill_tokens or not admitted)
+            and self.kv.can_admit(request, self.running)
         )
 
     def _ensure_resident(self, adapter: Optional[AdapterWeights]) -> bool:
@@ -145,7 +165,8 @@ class Scheduler:
             del self.queues[request.adapter]
         if request.adapter is not None:
             self.adapters.touch(request.adapter)
-        request.slot = self.kv.allocate(request)
+        self.kv.admit(request)
+        request.admitted_seq = next(self._admissions)
         request.status = RequestStatus.RUNNING
         self.running.append(request)
 
@@ -162,17 +183,13 @@ class Scheduler:
         for request in requests:
             if request in self.running:
                 self.running.remove(request)
-                moved = self.kv.free(request.slot)
-                if moved is not None:
-                    owner, new_slot = moved
-                    owner.slot = new_slot
+                self.kv.release(request)
             else:
                 queue = self.queues.get(request.adapter)
                 if queue is not None and request in queue:
                     queue.remove(request)
                     if not queue:
                         del self.queues[request.adapter]
-            request.slot = None
 
     def finished_or_cancelled(self) -> list[Request]:
         return [r for r in (*self.running, *self.waiting) if r.is_finished or r.cancel_requested]

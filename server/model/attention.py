@@ -21,9 +21,13 @@ Window = Optional[int]  # sliding-window size in keys (the query's own included)
 
 
 class KVStore(Protocol):
-    """What attention needs from the KV cache (implemented by server.engine.kv_cache.KVCache)."""
+    """What attention needs from the KV cache, whatever its layout (server.engine.kv_cache)."""
 
-    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: Any) -> None: ...
+
+    def decode_kv(self, layer: int, batch: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def prefill_kv(self, layer: int, batch: Any, seq: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @dataclass
@@ -110,11 +114,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: StepTensors) -> torch.Tensor:
         q, k, v = self._qkv(x, step)
-        k_cache, v_cache = step.kv.layer(self.layer_index)  # [slots, kv_heads, capacity, head_dim]
-        if step.batch.is_decode:
-            out = self._decode(q, k, v, k_cache, v_cache, step)
-        else:
-            out = self._prefill(q, k, v, k_cache, v_cache, step)
+        step.kv.write(self.layer_index, k, v, step.batch)
+        out = self._decode(q, step) if step.batch.is_decode else self._prefill(q, step)
         return self.o_proj(out.reshape(x.shape[0], -1), step.batch)
 
     def _qkv(self, x: torch.Tensor, step: StepTensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,31 +130,22 @@ class Attention(nn.Module):
         q, k = self.q_norm(qkv[:, :heads]), self.k_norm(qkv[:, heads : heads + kv_heads])
         return rotate(q, cos, sin), rotate(k, cos, sin), v
 
-    def _decode(self, q, k, v, k_cache, v_cache, step: StepTensors) -> torch.Tensor:
-        # q: [seqs, heads, dim]; one new token per sequence, written at position context_len - 1
-        batch = step.batch
-        k_cache[batch.slots, :, batch.positions] = k
-        v_cache[batch.slots, :, batch.positions] = v
-        length, seqs = batch.attend_len, batch.slots.shape[0]
-        if batch.dense_slots:
-            keys, values = k_cache[:seqs, :, :length], v_cache[:seqs, :, :length]  # views, no copy
-        else:
-            keys, values = k_cache[batch.slots, :, :length], v_cache[batch.slots, :, :length]
+    def _decode(self, q: torch.Tensor, step: StepTensors) -> torch.Tensor:
+        """q: [seqs, heads, dim], one new token per sequence at position context_len - 1."""
+        keys, values = step.kv.decode_kv(self.layer_index, step.batch)  # [seqs, kv_heads, attend_len, dim]
         # The query heads sharing a KV head become that head's query rows: attention reads each KV
         # head once, instead of a copy expanded to every query head (what enable_gqa does on the
         # kernels that take a mask), and all rows sit at one position, so the mask covers causality.
+        seqs = q.shape[0]
         grouped = q.view(seqs, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
         out = attend(grouped, keys, values, step.decode_masks[self.window], self.scale, self.softcap)
         return out.reshape(seqs, self.num_heads, self.head_dim)  # [seqs, heads, dim]
 
-    def _prefill(self, q, k, v, k_cache, v_cache, step: StepTensors) -> torch.Tensor:
-        batch, outputs, start = step.batch, [], 0
-        for i, (slot, n_new, total) in enumerate(zip(batch.slots.tolist(), batch.query_lens, batch.context_lens)):
-            past = total - n_new
-            k_cache[slot, :, past:total] = k[start : start + n_new].transpose(0, 1)
-            v_cache[slot, :, past:total] = v[start : start + n_new].transpose(0, 1)
+    def _prefill(self, q: torch.Tensor, step: StepTensors) -> torch.Tensor:
+        outputs, start = [], 0
+        for i, n_new in enumerate(step.batch.query_lens):
             qi = q[start : start + n_new].transpose(0, 1).unsqueeze(0)  # [1, heads, n_new, dim]
-            ki, vi = k_cache[slot : slot + 1, :, :total], v_cache[slot : slot + 1, :, :total]
+            ki, vi = step.kv.prefill_kv(self.layer_index, step.batch, i)  # [1, kv_heads, context, dim]
             o = attend(qi, ki, vi, step.prefill_masks[i][self.window], self.scale, self.softcap)
             outputs.append(o.squeeze(0).transpose(0, 1))
             start += n_new

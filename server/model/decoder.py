@@ -45,6 +45,7 @@ class ForwardBatch:
     # Decode only, so a step needs no host data inside the model (what CUDA-graph capture requires):
     kv_lens: Optional[torch.Tensor] = None  # [seqs] long, context_lens on the device
     attend_len: int = 0  # cache positions attention reads: >= max(context_lens); fixed when graphed
+    kv_index: Any = None  # where the tokens live in a paged cache (the cache's own PagedIndex)
 
     @property
     def last_token_rows(self) -> torch.Tensor:  # [seqs] index of each sequence's last token
