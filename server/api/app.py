@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
-from server.api import admin, control, native, openai
+from server.api import admin, control, native, openai, ui
 from server.api.errors import error_body, install_error_handlers, is_openai
 from server.api.schemas import Info
 from server.config import Settings
@@ -189,14 +189,15 @@ async def _wait_for_disconnect(receive) -> None:
 
 
 class BearerAuth:
-    """Every route but /health needs `Authorization: Bearer <one of the keys>` (compared in
-    constant time, against every key, so timing says nothing about which or how much matched)."""
+    """Every route but /health and the static page (ui.py: it holds no data) needs `Authorization:
+    Bearer <one of the keys>` (compared in constant time, against every key, so timing says nothing
+    about which or how much matched)."""
 
     def __init__(self, app, keys: tuple[str, ...]) -> None:
         self.app, self.keys = app, [k.encode() for k in keys]
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health" or self._allowed(scope):
+        if scope["type"] != "http" or scope["path"] == "/health" or ui.is_page_request(scope) or self._allowed(scope):
             return await self.app(scope, receive, send)
         error_type = "authentication_error" if is_openai(scope["path"]) else "unauthorized"
         body = error_body(scope["path"], 401, error_type, "missing or invalid API key (Authorization: Bearer ...)")
@@ -313,6 +314,7 @@ def create_app(settings: Settings, factory: EngineFactory,
     app.include_router(admin.router)
     app.include_router(control.router)
     app.include_router(openai.router)
+    app.include_router(ui.router)
 
     ENGINE_COLLECTOR.snapshot = lambda: engine_snapshot(holder)
 
