@@ -30,6 +30,7 @@ class ModelConfig:
     cuda_graph_max_batch_size: int = 64  # decode steps up to this many rows replay CUDA graphs; 0 = off
     quantize: str = "none"  # "int8": weight-only int8 copies for small CPU decode steps
     kv_cache: str = "auto"  # paged | dense | auto (paged on CPU; dense on CUDA until a paged kernel lands there)
+    prefix_caching: bool = True  # paged: reuse the KV blocks of a prompt prefix already computed for the same adapter
 
     def __post_init__(self) -> None:
         _check_choice("device", self.device, ("auto", "cpu", "cuda"))
@@ -38,6 +39,8 @@ class ModelConfig:
         _check_min("cuda_graph_max_batch_size", self.cuda_graph_max_batch_size, 0)
         _check_choice("quantize", self.quantize, ("none", "int8"))
         _check_choice("kv_cache", self.kv_cache, ("auto", "paged", "dense"))
+        if not isinstance(self.prefix_caching, bool):
+            raise ConfigError(f"prefix_caching must be true or false; got {self.prefix_caching!r}")
         if self.quantize == "int8" and self.device == "cuda":
             raise ConfigError("quantize int8 is a CPU option (its kernel is for small CPU decode steps)")
 
@@ -144,6 +147,12 @@ def _coerce(name: str, raw: Any, target: Any) -> Any:
         if isinstance(raw, (list, tuple)) and all(isinstance(x, str) for x in raw):
             return tuple(raw)
         raise ConfigError(f"{name} must be a list of strings; got {raw!r}")
+    if target in ("bool", bool) and isinstance(raw, str):
+        if raw.strip().lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.strip().lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false; got {raw!r}")
     if target in ("int", int) and isinstance(raw, str):
         try:
             return int(raw)

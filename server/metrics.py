@@ -24,6 +24,10 @@ STEP_SECONDS = Histogram("loraserve_step_seconds", "Duration of one engine step"
                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2))
 TTFT_SECONDS = Histogram("loraserve_time_to_first_token_seconds", "Arrival to first token", registry=REGISTRY,
                          buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+PREFIX_LOOKUP_TOKENS = Counter("loraserve_prefix_cache_lookup_tokens", "Prompt tokens looked up in the KV "
+                               "prefix cache at admission", registry=REGISTRY)
+PREFIX_HIT_TOKENS = Counter("loraserve_prefix_cache_hit_tokens", "Prompt tokens whose KV blocks were reused from the "
+                            "prefix cache (same adapter, same tokens so far)", registry=REGISTRY)
 PREEMPTIONS = Counter("loraserve_preemptions", "Running requests preempted because the KV pool ran out "
                       "(their blocks freed; recomputed when admitted again)", registry=REGISTRY)
 ITL_SECONDS = Histogram("loraserve_inter_token_seconds", "Gap between a request's tokens", registry=REGISTRY,
@@ -45,6 +49,7 @@ class EngineCollector:
                                 ("kv_slots_used", "KV-cache slots held by running requests"),
                                 ("kv_cache_used_bytes", "KV-cache bytes holding running requests' tokens"),
                                 ("kv_cache_capacity_bytes", "KV-cache bytes allocated (paged: the whole pool)"),
+                                ("prefix_cache_blocks", "KV blocks holding a cached prefix (in use or idle)"),
                                 ("pinned_adapters", "Device adapters pinned by running requests"),
                                 ("device_adapters", "Adapters resident on the device"),
                                 ("cpu_adapters", "Adapters in the CPU tier")):

@@ -37,8 +37,10 @@ def loaded() -> LoadedModel:
 def make_engine(loaded: LoadedModel):
     engines: list[AsyncEngine] = []
 
-    def make(adapters: AdapterConfig | None = None, **limit_overrides) -> AsyncEngine:
-        settings = Settings(limits=replace(Limits(), **limit_overrides), adapters=adapters or AdapterConfig())
+    def make(adapters: AdapterConfig | None = None, model: dict | None = None, **limit_overrides) -> AsyncEngine:
+        """model: ModelConfig overrides (kv_cache, prefix_caching, ...)."""
+        settings = Settings(limits=replace(Limits(), **limit_overrides), adapters=adapters or AdapterConfig(),
+                            model=replace(ModelConfig(), **(model or {})))
         engine = build_engine(settings, loaded)
         engine.engine.start()
         engines.append(engine)

@@ -66,3 +66,37 @@ def test_block_pool_hands_out_and_takes_back():
     assert 0 not in first and pool.num_used == 3
     pool.give_back(first[:2])
     assert pool.num_free == 3 and pool.num_used == 1
+
+
+SYSTEM = ("You are a meticulous assistant for a small bakery. Answer questions about opening hours, the bread "
+          "we bake each morning, allergens, prices and custom cake orders. Keep answers short and friendly. ") * 3
+
+
+def test_prefix_cache_reuses_blocks_of_the_same_adapter_only(make_engine):
+    """A shared system prompt: the second request reuses its blocks and gives the same tokens as a
+    cold run; a request with another adapter and the same prompt gets no hit and its own output."""
+    from server.config import AdapterConfig
+    from server.metrics import PREFIX_HIT_TOKENS
+    from tests.conftest import ROOT
+
+    adapters = AdapterConfig(adapters_dir=str(ROOT / "adapters_cache"))
+    cases = [(SYSTEM + "When do you open on Sundays?", None), (SYSTEM + "Do you bake rye bread?", None),
+             (SYSTEM + "Do you bake rye bread?", "demo-pirate/1")]
+
+    def greedy(prompt, adapter):
+        return GenerationInput(prompt=prompt, params=SamplingParams(), max_new_tokens=12, ignore_eos=True,
+                               adapter_id=adapter)
+
+    cold = make_engine(adapters, model={"prefix_caching": False})
+    expected = [run(collect(cold, greedy(*case)))[0] for case in cases]
+    cold.engine.stop()
+    engine = make_engine(adapters)
+    hits, got = [], []
+    for case in cases:
+        before = PREFIX_HIT_TOKENS._value.get()
+        got.append(run(collect(engine, greedy(*case)))[0])
+        hits.append(PREFIX_HIT_TOKENS._value.get() - before)
+    assert hits[0] == 0 and hits[1] >= 64  # the second request reuses the system prompt's full blocks
+    assert hits[2] == 0  # the same tokens under another adapter: no false hit
+    assert got == expected
+    assert engine.engine.scheduler.kv.cached_blocks > 0

@@ -148,7 +148,7 @@ class ResidentAdapters:
         for module in self.projections.values():
             a = torch.zeros(new_capacity, module.in_features, device=self.device, dtype=self.dtype)  # [cols, in]
             b_t = torch.zeros(new_capacity, module.out_features, device=self.device, dtype=self.dtype)  # [cols, out]
-            if module.lora is not None:
+            if module.lora is not None and self.capacity:  # (lora left by an earlier tier on this model: replaced)
                 a[: self.capacity] = module.lora.a
                 b_t[: self.capacity] = module.lora.b_t
             module.lora = PackedLora(a, b_t)

@@ -7,6 +7,7 @@ sqrt(r) for rsLoRA, with per-module rank and alpha patterns) are folded into B.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -28,6 +29,7 @@ _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w
 
 
 LoraPair = tuple[torch.Tensor, torch.Tensor]
+_serials = itertools.count(1)  # 0 is the base model
 
 
 class AdapterLoadError(GenerationError):
@@ -57,6 +59,7 @@ class AdapterWeights:
     path: Optional[Path] = None
     chat_template: Optional[str] = None
     config: dict[str, Any] = field(default_factory=dict)
+    serial: int = field(default_factory=lambda: next(_serials))  # this load's identity (KV prefix-cache keys)
 
     @property
     def size_bytes(self) -> int:

@@ -251,7 +251,7 @@ def engine_snapshot(holder: EngineHolder) -> dict:
     engine = holder.engine
     if engine is None:
         return {"queue_depth": 0, "running_requests": 0, "in_flight_requests": 0, "kv_slots_used": 0,
-                "kv_cache_used_bytes": 0, "kv_cache_capacity_bytes": 0,
+                "kv_cache_used_bytes": 0, "kv_cache_capacity_bytes": 0, "prefix_cache_blocks": 0,
                 "pinned_adapters": 0, "device_adapters": 0, "cpu_adapters": 0, "adapter_events": {}}
     scheduler, store = engine.engine.scheduler, engine.store
     running = list(scheduler.running)  # the engine thread changes it; a copy is a consistent enough sample
@@ -259,6 +259,7 @@ def engine_snapshot(holder: EngineHolder) -> dict:
         "queue_depth": sum(map(len, list(scheduler.queues.values()))), "running_requests": len(running),
         "in_flight_requests": engine.in_flight, "kv_slots_used": scheduler.kv.used_slots,
         "kv_cache_used_bytes": scheduler.kv.used_bytes, "kv_cache_capacity_bytes": scheduler.kv.capacity_bytes,
+        "prefix_cache_blocks": scheduler.kv.cached_blocks,
         "pinned_adapters": len({id(r.adapter) for r in running if r.adapter is not None}),
         "device_adapters": len(scheduler.adapters.active),
         "cpu_adapters": len(store.cpu_resident()),

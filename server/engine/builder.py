@@ -83,13 +83,17 @@ def build_kv_cache(settings: Settings, loaded: LoadedModel) -> KVCache | PagedKV
     if layout == "dense" or (layout == "auto" and loaded.device.type == "cuda"):
         return KVCache(arch, limits.max_batch_size, limits.max_total_tokens, loaded.device, loaded.dtype,
                        limits.max_batch_total_tokens)
-    kv = PagedKVCache.sized(arch, limits.kv_cache_memory_mb * 2**20, limits.kv_block_size, loaded.device, loaded.dtype)
+    # longrope sequences recompute their whole cache once (model.recomputes_at): never over shared blocks
+    prefix_caching = settings.model.prefix_caching and not loaded.model.recomputes_caches
+    kv = PagedKVCache.sized(arch, limits.kv_cache_memory_mb * 2**20, limits.kv_block_size, loaded.device, loaded.dtype,
+                            prefix_caching)
     if kv.capacity_tokens < limits.max_total_tokens:
         raise StartupError(f"kv_cache_memory_mb ({limits.kv_cache_memory_mb}) holds {kv.capacity_tokens} tokens of "
                            f"this model, fewer than one request's max_total_tokens ({limits.max_total_tokens}): "
                            "raise kv_cache_memory_mb or lower max_total_tokens")
-    log.info("paged KV cache: %d blocks of %d tokens, %d tokens in %.0f MB", kv.pool.num_blocks - 1,
-             kv.block_size, kv.capacity_tokens, kv.capacity_bytes / 2**20)
+    log.info("paged KV cache: %d blocks of %d tokens, %d tokens in %.0f MB; prefix caching %s",
+             kv.pool.num_blocks - 1, kv.block_size, kv.capacity_tokens, kv.capacity_bytes / 2**20,
+             "on" if prefix_caching else "off")
     return kv
 
 

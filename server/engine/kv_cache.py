@@ -12,12 +12,14 @@ the runner asks it where a batch's tokens go, attention reads and writes through
 
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
 
+from server.metrics import PREFIX_HIT_TOKENS, PREFIX_LOOKUP_TOKENS
 from server.model.arch import ArchConfig
 
 _GROWTH_QUANTUM = 256  # tokens; dense capacity grows in these steps to bound re-allocations
@@ -53,6 +55,8 @@ class KVCache:
     def used_bytes(self) -> int:
         return self.capacity_bytes * self.used_slots // self.max_slots
 
+    cached_blocks = 0  # no prefix cache in the dense layout
+
     # -- scheduler side ----------------------------------------------------------------------------
     def can_admit(self, request: Any, running: Sequence[Any]) -> bool:
         """A free slot, and the running requests' worst cases plus this one's within the budget."""
@@ -61,6 +65,7 @@ class KVCache:
 
     def admit(self, request: Any) -> None:
         request.slot = self.allocate(request)
+        request.num_cached_tokens = 0
 
     def grow(self, request: Any) -> bool:
         """Room for the request's next token: always (its worst case was reserved at admission)."""
@@ -158,27 +163,69 @@ class PagedIndex:
 
 
 class BlockPool:
-    """Fixed-size blocks handed out and returned; block 0 is kept back, zeroed, as the padding target."""
+    """Fixed-size blocks with reference counts. A full block can be registered under its prefix key;
+    when its last user leaves it stays cached but idle (least recently used first), and is only
+    reclaimed when a never-cached block is no longer free. Block 0 is kept back, zeroed, as padding."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
-        self.free: deque[int] = deque(range(1, num_blocks))
+        self.free: deque[int] = deque(range(1, num_blocks))  # holding nothing worth keeping
+        self.idle: OrderedDict[int, None] = OrderedDict()  # unreferenced, holding a cached prefix; LRU first
+        self.refs = [0] * num_blocks
+        self.key_of: dict[int, bytes] = {}
+        self.block_of: dict[bytes, int] = {}
         self.fresh: set[int] = set(range(1, num_blocks))  # never handed out: contents not yet zeroed
 
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        return len(self.free) + len(self.idle)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - 1 - len(self.free)
+        return self.num_blocks - 1 - self.num_free
 
     def take(self, count: int) -> list[int]:
-        assert count <= len(self.free), "callers check num_free first"
-        return [self.free.popleft() for _ in range(count)]
+        assert count <= self.num_free, "callers check num_free first"
+        blocks = []
+        for _ in range(count):
+            block = self.free.popleft() if self.free else self._reclaim()
+            self.refs[block] = 1
+            blocks.append(block)
+        return blocks
 
     def give_back(self, blocks: list[int]) -> None:
-        self.free.extend(blocks)
+        for block in blocks:
+            self.refs[block] -= 1
+            if self.refs[block] == 0:
+                if block in self.key_of:
+                    self.idle[block] = None
+                else:
+                    self.free.append(block)
+
+    def match(self, keys: list[bytes]) -> list[int]:
+        """The cached blocks of the longest run of these prefix keys (nothing is taken)."""
+        blocks = []
+        for key in keys:
+            block = self.block_of.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def share(self, blocks: list[int]) -> None:
+        for block in blocks:
+            if self.refs[block] == 0:
+                del self.idle[block]
+            self.refs[block] += 1
+
+    def register(self, block: int, key: bytes) -> None:
+        if block not in self.key_of and key not in self.block_of:
+            self.key_of[block], self.block_of[key] = key, block
+
+    def _reclaim(self) -> int:
+        block, _ = self.idle.popitem(last=False)
+        del self.block_of[self.key_of.pop(block)]
+        return block
 
 
 class PagedKVCache:
@@ -188,8 +235,9 @@ class PagedKVCache:
     paged = True
 
     def __init__(self, arch: ArchConfig, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, prefix_caching: bool = False) -> None:
         self.arch, self.block_size, self.device, self.dtype = arch, block_size, device, dtype
+        self.prefix_caching = prefix_caching
         self.pool = BlockPool(num_blocks)
         shape = (num_blocks * block_size, arch.num_kv_heads, arch.head_dim)
         # empty, not zeros: untouched pages cost no memory; each block is zeroed when first handed out
@@ -200,8 +248,9 @@ class PagedKVCache:
 
     @classmethod
     def sized(cls, arch: ArchConfig, memory_bytes: int, block_size: int, device: torch.device,
-              dtype: torch.dtype) -> "PagedKVCache":
-        return cls(arch, max(2, memory_bytes // cls.block_bytes(arch, block_size, dtype)), block_size, device, dtype)
+              dtype: torch.dtype, prefix_caching: bool = False) -> "PagedKVCache":
+        blocks = max(2, memory_bytes // cls.block_bytes(arch, block_size, dtype))
+        return cls(arch, blocks, block_size, device, dtype, prefix_caching)
 
     @staticmethod
     def block_bytes(arch: ArchConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -224,6 +273,10 @@ class PagedKVCache:
         """Sequences holding blocks."""
         return self._holders
 
+    @property
+    def cached_blocks(self) -> int:
+        return len(self.pool.key_of)
+
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[index], self.values[index]
 
@@ -233,18 +286,36 @@ class PagedKVCache:
     # -- scheduler side ----------------------------------------------------------------------------
     def can_admit(self, request: Any, running: Sequence[Any]) -> bool:
         """Blocks for every token the request has now (its prompt, or prompt and output when it is
-        recomputed after a preemption), and one spare block per running sequence so admitting it
-        does not at once force a preemption."""
+        recomputed after a preemption) less those found in the prefix cache, and one spare block per
+        running sequence that is about to need one, so admitting it does not at once force a preemption."""
         spare = sum(1 for r in running if r.total_tokens % self.block_size == 0)
-        return self.blocks_for(request.total_tokens) + spare <= self.pool.num_free
+        matched = self._match(request)
+        revived = sum(1 for b in matched if self.pool.refs[b] == 0)  # idle blocks count as free until shared
+        return self.blocks_for(request.total_tokens) - len(matched) + revived + spare <= self.pool.num_free
 
     def admit(self, request: Any) -> None:
-        request.block_table = []
+        """Start the request's block table with its cached prefix, then blocks for the rest."""
+        matched = self._match(request)
+        self.pool.share(matched)
+        request.block_table = list(matched)
+        request.num_cached_tokens = len(matched) * self.block_size
+        if self.prefix_caching and not request.options.prefill_logprobs:
+            PREFIX_LOOKUP_TOKENS.inc(request.total_tokens)
+            PREFIX_HIT_TOKENS.inc(request.num_cached_tokens)
         self._holders += 1
-        assert self.grow(request), "can_admit checked the blocks"
+        assert self._extend(request), "can_admit checked the blocks"
 
     def grow(self, request: Any) -> bool:
-        """Extend the request's block table to cover all its tokens; False if the pool is out."""
+        """Before a decode step: register the request's blocks whose tokens are all computed (every
+        token but the one this step feeds), and extend its table to cover all its tokens; False if
+        the pool is out."""
+        if self.prefix_caching:
+            computed_blocks = (request.total_tokens - 1) // self.block_size
+            for block, key in zip(request.block_table[:computed_blocks], self._keys(request, computed_blocks)):
+                self.pool.register(block, key)
+        return self._extend(request)
+
+    def _extend(self, request: Any) -> bool:
         missing = self.blocks_for(request.total_tokens) - len(request.block_table)
         if missing <= 0:
             return True
@@ -255,13 +326,35 @@ class PagedKVCache:
         request.block_table.extend(blocks)
         return True
 
+    def _match(self, request: Any) -> list[int]:
+        """Cached blocks of the request's longest cached prefix under its own adapter. At least one
+        token is always left to compute (its logits are the next token's), and a request that wants
+        its prompt's log-probs computes them all."""
+        if not self.prefix_caching or request.options.prefill_logprobs:
+            return []
+        return self.pool.match(self._keys(request, (request.total_tokens - 1) // self.block_size))
+
+    def _keys(self, request: Any, count: int) -> list[bytes]:
+        """Prefix keys of the request's first `count` full blocks: each hashes the previous key and
+        the block's tokens, starting from the adapter's identity (this load of it), so KV computed
+        under one adapter is never read under another. A cryptographic hash: prompts are untrusted,
+        and a collision would hand one tenant's KV to another."""
+        keys, size, tokens = request.prefix_hashes, self.block_size, request.all_token_ids
+        previous = keys[-1] if keys else str(request.adapter.serial if request.adapter else 0).encode()
+        for i in range(len(keys), count):
+            block = tokens[i * size : (i + 1) * size]
+            previous = hashlib.blake2b(previous + b"".join(t.to_bytes(4, "little") for t in block),
+                                       digest_size=16).digest()
+            keys.append(previous)
+        return keys[:count]
+
     def release(self, request: Any) -> None:
         self.pool.give_back(request.block_table)
         request.block_table = []
         self._holders -= 1
 
     def ensure_capacity(self, tokens: int) -> None:
-        """The pool is allocated once; a single request's size is checked at start (fits_one)."""
+        """The pool is allocated once (the builder checks that one request of max_total_tokens fits)."""
 
     def _zero(self, blocks: list[int]) -> None:
         if not blocks:

@@ -130,6 +130,8 @@ class Request:
     slot: Optional[int] = None  # dense KV cache: the sequence's slot
     block_table: list[int] = field(default_factory=list)  # paged KV cache: the blocks holding its tokens
     admitted_seq: int = -1  # admission order: the newest running request is preempted first
+    num_cached_tokens: int = 0  # at admission: leading tokens whose KV came from the prefix cache
+    prefix_hashes: list[bytes] = field(default_factory=list)  # paged: keys of its full blocks, computed once
     generator: Optional[torch.Generator] = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: Optional[float] = None

@@ -69,19 +69,20 @@ class ModelRunner:
         return torch.stack(last)
 
     def build_batch(self, plan: BatchPlan, whole_sequences: bool = False) -> ForwardBatch:
-        """A prefill feeds every token a request has (its prompt; prompt and output when its cache is
-        recomputed, after a preemption or, with whole_sequences, a longrope crossing); a decode step
-        feeds each request's last token."""
+        """A prefill feeds every token a request has that is not cached yet (its prompt, less a
+        prefix-cache hit; prompt and output when its cache is recomputed after a preemption; all of
+        them, with whole_sequences, at a longrope crossing); a decode step feeds each request's last token."""
         requests = plan.requests
         is_decode = plan.is_decode and not whole_sequences
         if is_decode:
             ids = [r.all_token_ids[-1] for r in requests]
             positions = [r.total_tokens - 1 for r in requests]
             query_lens = [1] * len(requests)
-        else:
-            ids = [t for r in requests for t in r.all_token_ids]
-            positions = [p for r in requests for p in range(r.total_tokens)]
-            query_lens = [r.total_tokens for r in requests]
+        else:  # from the first token not in the cache (a prefix-cache hit leaves fewer to compute)
+            starts = [0 if whole_sequences else r.num_cached_tokens for r in requests]
+            ids = [t for r, start in zip(requests, starts) for t in r.all_token_ids[start:]]
+            positions = [p for r, start in zip(requests, starts) for p in range(start, r.total_tokens)]
+            query_lens = [r.total_tokens - start for r, start in zip(requests, starts)]
         slots = [r.slot if r.slot is not None else -1 for r in requests]
         context_lens = [r.total_tokens for r in requests]
         return ForwardBatch(

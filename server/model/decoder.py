@@ -143,6 +143,10 @@ class CausalLM(nn.Module):
         return any(isinstance(r, LongRope) and context_len == r.switch_len + 1 for r in self.rotaries.values())
 
     @property
+    def recomputes_caches(self) -> bool:
+        return any(isinstance(r, LongRope) for r in self.rotaries.values())
+
+    @property
     def graph_safe(self) -> bool:
         """Whether a decode step reads no host data (CUDA graphs can replay it)."""
         return all(r.graph_safe for r in self.rotaries.values())
