@@ -52,7 +52,7 @@ class Limits:
     max_input_length: int = 1792
     max_total_tokens: int = 2048
     max_batch_total_tokens: int = 32768
-    max_batch_prefill_tokens: int = 2048
+    max_batch_prefill_tokens: int = 2048  # prompt tokens computed in one step; longer prompts are chunked
     max_batch_size: int = 32
     max_concurrent_requests: int = 128
     max_stop_sequences: int = 4
@@ -76,11 +76,6 @@ class Limits:
             raise ConfigError(
                 f"max_total_tokens ({self.max_total_tokens}) must be <= max_batch_total_tokens "
                 f"({self.max_batch_total_tokens}): one request must fit in the batch"
-            )
-        if self.max_input_length > self.max_batch_prefill_tokens:
-            raise ConfigError(
-                f"max_input_length ({self.max_input_length}) must be <= max_batch_prefill_tokens "
-                f"({self.max_batch_prefill_tokens}): a full prompt must fit in one prefill"
             )
 
 

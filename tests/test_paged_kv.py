@@ -100,3 +100,46 @@ def test_prefix_cache_reuses_blocks_of_the_same_adapter_only(make_engine):
     assert hits[2] == 0  # the same tokens under another adapter: no false hit
     assert got == expected
     assert engine.engine.scheduler.kv.cached_blocks > 0
+
+
+LONG = ("In a distant kingdom surrounded by tall mountains, an old clockmaker spent his days repairing the tiny "
+        "gears of forgotten watches, and every evening he told the village children a new story about the stars. ") * 2
+
+
+@pytest.mark.parametrize("layout", ["paged", "dense"])
+def test_chunked_prefill_keeps_streams_decoding_and_changes_no_token(make_engine, layout: str):
+    """A long prompt prefilled 8 tokens a step: a stream already decoding gets tokens meanwhile (one
+    a step), and both outputs equal an unchunked run."""
+    short = GenerationInput(prompt="Write a poem about the sea.", params=SamplingParams(), max_new_tokens=40,
+                            ignore_eos=True)
+    long_ = GenerationInput(prompt=LONG, params=SamplingParams(), max_new_tokens=8, ignore_eos=True)
+    whole = make_engine(model={"kv_cache": layout})
+    expected = [run(collect(whole, inp))[0] for inp in (short, long_)]
+    whole.engine.stop()
+    chunked = make_engine(model={"kv_cache": layout}, max_batch_prefill_tokens=8)
+
+    async def both():
+        first = await chunked.submit(short)
+        short_times: list[float] = []
+
+        async def drain_short():
+            async for event in first:
+                if event.token is not None:
+                    short_times.append(time.monotonic())
+
+        task = asyncio.ensure_future(drain_short())
+        while len(short_times) < 3:
+            await asyncio.sleep(0.01)
+        submitted, long_first = time.monotonic(), None
+        second = await chunked.submit(long_)
+        async for event in second:
+            if event.token is not None and long_first is None:
+                long_first = time.monotonic()
+        await task
+        during = sum(submitted < t < long_first for t in short_times)
+        return list(first.request.output_ids), list(second.request.output_ids), during, second.request
+
+    short_tokens, long_tokens, during, long_request = run(both())
+    assert [short_tokens, long_tokens] == expected
+    chunks = -(-long_request.num_prompt_tokens // 8)
+    assert chunks >= 8 and during >= chunks - 2  # a decode row rode along in every chunk's step

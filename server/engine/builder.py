@@ -108,7 +108,7 @@ def _assemble(settings: Settings, loaded: LoadedModel, phases: PhaseLog) -> Asyn
             and not kv.paged):
         graphs = DecodeGraphs(loaded.model, kv, resident, settings.model.cuda_graph_max_batch_size)
     runner = ModelRunner(loaded.model, kv, resident, loaded.device, graphs)
-    engine = Engine(runner, Scheduler(budget, kv, resident), loaded.eos_token_ids)
+    engine = Engine(runner, Scheduler(budget, kv, resident, loaded.model.recomputes_at), loaded.eos_token_ids)
     store = AdapterStore(store_config(settings.adapters), loaded.model.config)
     if settings.adapters.preload_adapters:
         phases.enter(StartPhase.PRELOADING_ADAPTERS)

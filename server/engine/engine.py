@@ -116,13 +116,17 @@ class Engine:
             return None
 
     def _advance(self, plan: BatchPlan, logits: torch.Tensor) -> None:
+        """Sample a next token for every row whose tokens reached the end of its sequence (a chunk
+        that stops short of a prompt's end samples nothing), after recording what was computed."""
         requests = plan.requests
-        greedy_rows = sampler.plain_greedy_rows(requests)
+        sampling = [plan.samples(row) for row in range(len(requests))]
+        plan.mark_computed()
+        greedy_rows = [row for row in sampler.plain_greedy_rows(requests) if sampling[row]]
         picked: dict[int, SampledToken] = {}
         if greedy_rows:
             picked = dict(zip(greedy_rows, sampler.greedy_batch(logits[greedy_rows])))
         for row, request in enumerate(requests):
-            if request.is_finished or request.cancel_requested:
+            if not sampling[row] or request.is_finished or request.cancel_requested:
                 continue
             try:
                 token = picked.get(row) or sampler.sample_row(logits[row], request)

@@ -65,7 +65,7 @@ class KVCache:
 
     def admit(self, request: Any) -> None:
         request.slot = self.allocate(request)
-        request.num_cached_tokens = 0
+        request.num_computed_tokens = 0
 
     def grow(self, request: Any) -> bool:
         """Room for the request's next token: always (its worst case was reserved at admission)."""
@@ -120,7 +120,8 @@ class KVCache:
         self.keys, self.values, self.capacity = grown_k, grown_v, new_capacity
 
     # -- runner side -------------------------------------------------------------------------------
-    def index(self, requests: Sequence[Any], query_lens: list[int], is_decode: bool, attend_len: int) -> None:
+    def index(self, requests: Sequence[Any], query_lens: list[int], context_lens: list[int], decode_rows: int,
+              attend_len: int) -> None:
         """Dense slots need nothing beyond the batch's slots and positions."""
         return None
 
@@ -128,7 +129,7 @@ class KVCache:
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: Any) -> None:
         """k, v: [tokens, kv_heads, head_dim], the batch's new tokens."""
         k_cache, v_cache = self.layer(layer)
-        if batch.is_decode:
+        if batch.is_decode:  # (a mixed batch's decoding rows take the per-sequence path below)
             k_cache[batch.slots, :, batch.positions] = k
             v_cache[batch.slots, :, batch.positions] = v
             return
@@ -139,12 +140,13 @@ class KVCache:
             start += n_new
 
     def decode_kv(self, layer: int, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [seqs, kv_heads, attend_len, head_dim] of a decode batch's sequences."""
+        """Keys and values [rows, kv_heads, attend_len, head_dim] of the batch's decoding rows."""
         k_cache, v_cache = self.layer(layer)
-        length, seqs = batch.attend_len, batch.slots.shape[0]
+        length, rows = batch.attend_len, batch.num_decode_rows
         if batch.dense_slots:
-            return k_cache[:seqs, :, :length], v_cache[:seqs, :, :length]  # views, no copy
-        return k_cache[batch.slots, :, :length], v_cache[batch.slots, :, :length]
+            return k_cache[:rows, :, :length], v_cache[:rows, :, :length]  # views, no copy
+        slots = batch.slots[:rows]
+        return k_cache[slots, :, :length], v_cache[slots, :, :length]
 
     def prefill_kv(self, layer: int, batch: Any, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [1, kv_heads, context_len, head_dim] of one prefilled sequence."""
@@ -158,8 +160,8 @@ class PagedIndex:
     """Where one batch's tokens live in the block pool, as flat slot numbers (block * size + offset)."""
 
     slot_mapping: torch.Tensor  # [tokens] where each new token's K and V are written
-    gather: Optional[torch.Tensor]  # decode: [seqs, attend_len] the slots each row attends over (padding: 0)
-    sequences: tuple[torch.Tensor, ...]  # prefill: per sequence [context_len] its slots in order
+    gather: Optional[torch.Tensor]  # decoding rows: [rows, attend_len] the slots each attends over (padding: 0)
+    sequences: tuple[torch.Tensor, ...]  # per sequence [context_len] its slots in order (prefilling rows read them)
 
 
 class BlockPool:
@@ -298,10 +300,10 @@ class PagedKVCache:
         matched = self._match(request)
         self.pool.share(matched)
         request.block_table = list(matched)
-        request.num_cached_tokens = len(matched) * self.block_size
+        request.num_computed_tokens = len(matched) * self.block_size
         if self.prefix_caching and not request.options.prefill_logprobs:
             PREFIX_LOOKUP_TOKENS.inc(request.total_tokens)
-            PREFIX_HIT_TOKENS.inc(request.num_cached_tokens)
+            PREFIX_HIT_TOKENS.inc(request.num_computed_tokens)
         self._holders += 1
         assert self._extend(request), "can_admit checked the blocks"
 
@@ -367,23 +369,26 @@ class PagedKVCache:
         self.pool.fresh.difference_update(blocks)
 
     # -- runner side -------------------------------------------------------------------------------
-    def index(self, requests: Sequence[Any], query_lens: list[int], is_decode: bool, attend_len: int) -> PagedIndex:
-        """The flat slots of the batch's new tokens (each sequence's last query_len positions) and
-        of what attention reads: every row's first attend_len positions (decode; padding reads the
-        zeroed block 0 under the mask) or each sequence's whole context (prefill)."""
-        size, lengths = self.block_size, [r.total_tokens for r in requests]
+    def index(self, requests: Sequence[Any], query_lens: list[int], context_lens: list[int], decode_rows: int,
+              attend_len: int) -> PagedIndex:
+        """The flat slots of the batch's new tokens (each sequence's query_len positions ending at its
+        context_len), and of what attention reads: each decoding row's first attend_len positions
+        (padding reads the zeroed block 0 under the mask), each prefilling sequence's whole context."""
+        size = self.block_size
         table = torch.nn.utils.rnn.pad_sequence([torch.tensor(r.block_table, dtype=torch.long) for r in requests],
                                                 batch_first=True)  # [seqs, max_blocks], padding block 0
-        if is_decode:
-            table = torch.nn.functional.pad(table, (0, max(0, self.blocks_for(attend_len) - table.shape[1])))
+        sequences = [row[torch.arange(n) // size] * size + torch.arange(n) % size
+                     for row, n in zip(table, context_lens)]
+        mapping = torch.cat([seq[n - q :] for seq, n, q in zip(sequences, context_lens, query_lens)])
+        gather = None
+        if decode_rows:
+            rows = torch.nn.functional.pad(table[:decode_rows],
+                                           (0, max(0, self.blocks_for(attend_len) - table.shape[1])))
             reach = torch.arange(attend_len)
-            gather = table[:, reach // size] * size + reach % size  # [seqs, attend_len]
-            gather = torch.where(reach[None, :] < torch.tensor(lengths)[:, None], gather, 0)
-            last = torch.tensor(lengths) - 1
-            return PagedIndex(gather[torch.arange(len(requests)), last].to(self.device), gather.to(self.device), ())
-        sequences = [row[torch.arange(n) // size] * size + torch.arange(n) % size for row, n in zip(table, lengths)]
-        mapping = torch.cat([seq[n - q :] for seq, n, q in zip(sequences, lengths, query_lens)])
-        return PagedIndex(mapping.to(self.device), None, tuple(seq.to(self.device) for seq in sequences))
+            gather = rows[:, reach // size] * size + reach % size  # [decode_rows, attend_len]
+            gather = torch.where(reach[None, :] < torch.tensor(context_lens[:decode_rows])[:, None], gather, 0)
+            gather = gather.to(self.device)
+        return PagedIndex(mapping.to(self.device), gather, tuple(seq.to(self.device) for seq in sequences))
 
     # -- attention side ----------------------------------------------------------------------------
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: Any) -> None:
@@ -393,7 +398,7 @@ class PagedKVCache:
 
     def decode_kv(self, layer: int, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         k_cache, v_cache = self.layer(layer)
-        gather = batch.kv_index.gather  # [seqs, attend_len]
+        gather = batch.kv_index.gather  # [decode rows, attend_len]
         return k_cache[gather].transpose(1, 2), v_cache[gather].transpose(1, 2)
 
     def prefill_kv(self, layer: int, batch: Any, seq: int) -> tuple[torch.Tensor, torch.Tensor]:

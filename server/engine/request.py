@@ -130,7 +130,7 @@ class Request:
     slot: Optional[int] = None  # dense KV cache: the sequence's slot
     block_table: list[int] = field(default_factory=list)  # paged KV cache: the blocks holding its tokens
     admitted_seq: int = -1  # admission order: the newest running request is preempted first
-    num_cached_tokens: int = 0  # at admission: leading tokens whose KV came from the prefix cache
+    num_computed_tokens: int = 0  # tokens whose KV is in the cache (from the prefix cache at admission, then computed)
     prefix_hashes: list[bytes] = field(default_factory=list)  # paged: keys of its full blocks, computed once
     generator: Optional[torch.Generator] = None
     arrival_time: float = field(default_factory=time.monotonic)
@@ -149,6 +149,15 @@ class Request:
     @property
     def total_tokens(self) -> int:
         return self.num_prompt_tokens + self.num_generated
+
+    @property
+    def pending_tokens(self) -> int:
+        """Tokens to feed before the next one can be sampled: 1 in decode, more while (re)prefilling."""
+        return self.total_tokens - self.num_computed_tokens
+
+    @property
+    def is_prefilling(self) -> bool:
+        return not self.output_ids or self.pending_tokens > 1
 
     @property
     def max_total_tokens(self) -> int:

@@ -10,7 +10,7 @@ import torch
 from server.adapters.lora import ResidentAdapters
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.kv_cache import KVCache
-from server.engine.scheduler import BatchPlan, StepKind
+from server.engine.scheduler import BatchPlan
 from server.model.decoder import CausalLM, ForwardBatch
 
 
@@ -22,9 +22,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def run(self, plan: BatchPlan) -> torch.Tensor:
-        """Returns logits [len(plan.requests), vocab] (float32) for each request's next token."""
-        if plan.is_decode and any(self.model.recomputes_at(r.total_tokens) for r in plan.requests):
-            return self._decode_with_recompute(plan)
+        """Returns logits [len(plan.requests), vocab] (float32) for each request's last fed token."""
         batch = self.build_batch(plan)
         self.kv.ensure_capacity(max(batch.context_lens))
         if plan.is_decode and self.graphs is not None:
@@ -34,23 +32,6 @@ class ModelRunner:
         if plan.is_decode or not any(_scores_prompt(r) for r in plan.requests):
             return self.model(batch, self.kv)
         return self._run_with_prompt_logprobs(plan, batch)
-
-    def _decode_with_recompute(self, plan: BatchPlan) -> torch.Tensor:
-        """A decode step in which some sequences cross a point where transformers recomputes their
-        whole KV cache (Phi-3 longrope: past the original context every key takes the long
-        factors). Those rows are re-prefilled from their first token; the rest decode as usual."""
-        redo = [self.model.recomputes_at(r.total_tokens) for r in plan.requests]
-        logits: list[torch.Tensor] = [None] * len(plan.requests)  # type: ignore[list-item]
-        for again in (False, True):
-            rows = [i for i, flag in enumerate(redo) if flag is again]
-            if not rows:
-                continue
-            sub = BatchPlan(StepKind.DECODE, tuple(plan.requests[i] for i in rows))
-            batch = self.build_batch(sub, whole_sequences=again)
-            self.kv.ensure_capacity(max(batch.context_lens))
-            for i, row in zip(rows, self.model(batch, self.kv)):
-                logits[i] = row
-        return torch.stack(logits)
 
     def _run_with_prompt_logprobs(self, plan: BatchPlan, batch: ForwardBatch) -> torch.Tensor:
         """Prefill that also scores every prompt token of the requests that asked for it."""
@@ -68,35 +49,31 @@ class ModelRunner:
             start += len(span)
         return torch.stack(last)
 
-    def build_batch(self, plan: BatchPlan, whole_sequences: bool = False) -> ForwardBatch:
-        """A prefill feeds every token a request has that is not cached yet (its prompt, less a
-        prefix-cache hit; prompt and output when its cache is recomputed after a preemption; all of
-        them, with whole_sequences, at a longrope crossing); a decode step feeds each request's last token."""
-        requests = plan.requests
-        is_decode = plan.is_decode and not whole_sequences
-        if is_decode:
-            ids = [r.all_token_ids[-1] for r in requests]
-            positions = [r.total_tokens - 1 for r in requests]
-            query_lens = [1] * len(requests)
-        else:  # from the first token not in the cache (a prefix-cache hit leaves fewer to compute)
-            starts = [0 if whole_sequences else r.num_cached_tokens for r in requests]
-            ids = [t for r, start in zip(requests, starts) for t in r.all_token_ids[start:]]
-            positions = [p for r, start in zip(requests, starts) for p in range(start, r.total_tokens)]
-            query_lens = [r.total_tokens - start for r, start in zip(requests, starts)]
+    def build_batch(self, plan: BatchPlan) -> ForwardBatch:
+        """Each request feeds its next `tokens_fed` tokens from the first one not in the cache: its
+        last token in decode; a chunk of its prompt (less any prefix-cache hit), or of prompt and
+        output when its cache is recomputed, while prefilling. Decoding rows come first."""
+        requests, fed = plan.requests, plan.tokens_fed
+        starts = [r.num_computed_tokens for r in requests]
+        ids = [t for r, s, n in zip(requests, starts, fed) for t in r.all_token_ids[s : s + n]]
+        positions = [p for s, n in zip(starts, fed) for p in range(s, s + n)]
+        context_lens = [s + n for s, n in zip(starts, fed)]
         slots = [r.slot if r.slot is not None else -1 for r in requests]
-        context_lens = [r.total_tokens for r in requests]
+        decode_rows = plan.num_decode_rows
+        attend_len = max(context_lens[:decode_rows], default=0)
         return ForwardBatch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device),
             positions=torch.tensor(positions, dtype=torch.long, device=self.device),
             slots=torch.tensor(slots, dtype=torch.long, device=self.device),
-            query_lens=query_lens,
+            query_lens=list(fed),
             context_lens=context_lens,
-            is_decode=is_decode,
-            lora=self.adapters.batch_for([r.adapter for r in requests], query_lens),
-            dense_slots=is_decode and slots == list(range(len(slots))),
-            kv_lens=torch.tensor(context_lens, device=self.device) if plan.is_decode else None,
-            attend_len=max(context_lens),
-            kv_index=self.kv.index(requests, query_lens, is_decode, max(context_lens)),
+            is_decode=plan.is_decode,
+            lora=self.adapters.batch_for([r.adapter for r in requests], list(fed)),
+            dense_slots=plan.is_decode and slots == list(range(len(slots))),
+            kv_lens=torch.tensor(context_lens[:decode_rows], device=self.device) if decode_rows else None,
+            attend_len=attend_len,
+            num_decode_rows=decode_rows,
+            kv_index=self.kv.index(requests, list(fed), context_lens, decode_rows, attend_len),
         )
 
 

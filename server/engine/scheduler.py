@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional
+from typing import Callable, Optional
 
 from server.adapters.lora import ResidentAdapters
 from server.adapters.weights import AdapterWeights
@@ -38,14 +38,36 @@ class StepKind(Enum):
 
 @dataclass(frozen=True)
 class BatchPlan:
-    """One forward pass: a prefill of newly admitted requests, or a decode step of running ones."""
+    """One forward pass. DECODE: every request feeds its last token. PREFILL: the decoding requests
+    (first, one token each) and a chunk of each prefilling request's pending tokens, within the
+    step's token budget, so running streams keep producing tokens while a long prompt comes in."""
 
     kind: StepKind
     requests: tuple[Request, ...]
+    query_lens: tuple[int, ...] = ()  # PREFILL: tokens each request feeds this step
 
     @property
     def is_decode(self) -> bool:
         return self.kind is StepKind.DECODE
+
+    @property
+    def tokens_fed(self) -> tuple[int, ...]:
+        return self.query_lens or (1,) * len(self.requests)
+
+    @property
+    def num_decode_rows(self) -> int:
+        """The leading rows that feed one token to a sequence past its prefill."""
+        if self.is_decode:
+            return len(self.requests)
+        return next((i for i, r in enumerate(self.requests) if r.is_prefilling), len(self.requests))
+
+    def samples(self, row: int) -> bool:
+        """Whether this row's tokens reach the end of its sequence, so a next token is sampled."""
+        return self.tokens_fed[row] == self.requests[row].pending_tokens
+
+    def mark_computed(self) -> None:
+        for request, fed in zip(self.requests, self.tokens_fed):
+            request.num_computed_tokens += fed
 
 
 @dataclass(frozen=True)
@@ -57,8 +79,10 @@ class SchedulerBudget:
 
 
 class Scheduler:
-    def __init__(self, budget: SchedulerBudget, kv: KVCache | PagedKVCache, adapters: ResidentAdapters) -> None:
+    def __init__(self, budget: SchedulerBudget, kv: KVCache | PagedKVCache, adapters: ResidentAdapters,
+                 recomputes_at: Callable[[int], bool] = lambda length: False) -> None:
         self.budget, self.kv, self.adapters = budget, kv, adapters
+        self.recomputes_at = recomputes_at  # the model's points where a sequence's whole cache is recomputed
         self.queues: OrderedDict[Optional[AdapterWeights], deque[Request]] = OrderedDict()
         self.running: list[Request] = []
         self.draining: set[AdapterWeights] = set()
@@ -81,21 +105,44 @@ class Scheduler:
 
     def schedule(self) -> BatchPlan | None:
         self._expire_waiting(time.monotonic())
-        admitted = self._admit()
-        if admitted:
-            return BatchPlan(StepKind.PREFILL, tuple(admitted))
+        self._admit()
         self._make_room_for_decode()
-        if self.running:
-            order = (lambda r: r.slot) if not self.kv.paged else (lambda r: r.admitted_seq)
-            return BatchPlan(StepKind.DECODE, tuple(sorted(self.running, key=order)))
-        return None
+        for request in self.running:  # Phi-3 longrope, first past its original context: prefilled again
+            if not request.is_prefilling and self.recomputes_at(request.total_tokens):
+                request.num_computed_tokens = 0
+        if not self.running:
+            return None
+        order = (lambda r: r.slot) if not self.kv.paged else (lambda r: r.admitted_seq)
+        running = sorted(self.running, key=order)
+        prefilling = [r for r in running if r.is_prefilling]
+        if not prefilling:
+            return BatchPlan(StepKind.DECODE, tuple(running))
+        decoding = [r for r in running if not r.is_prefilling]
+        chunks = self._chunks(prefilling, self.budget.max_batch_prefill_tokens)
+        rows = decoding + [r for r, _ in chunks]
+        return BatchPlan(StepKind.PREFILL, tuple(rows), tuple([1] * len(decoding) + [n for _, n in chunks]))
+
+    @staticmethod
+    def _chunks(prefilling: list[Request], budget: int) -> list[tuple[Request, int]]:
+        """Pending tokens of the prefilling requests, oldest first, within the step's budget (the
+        first always gets at least one token). A request that wants its prompt's log-probs is fed
+        whole, since they are read off one pass."""
+        chunks: list[tuple[Request, int]] = []
+        for request in sorted(prefilling, key=lambda r: r.admitted_seq):
+            whole = request.options.prefill_logprobs and not request.output_ids
+            n = request.pending_tokens if whole else min(request.pending_tokens, budget)
+            if n <= 0 or (whole and chunks and n > budget):
+                break
+            chunks.append((request, n))
+            budget -= n
+        return chunks
 
     def _make_room_for_decode(self) -> None:
         """Give every running request room for its next token, oldest first; when the KV pool is
         out, preempt the newest (its blocks freed, the request back at the head of its queue,
         recomputed from prompt and output when admitted again: nothing lost, nothing repeated)."""
         for request in sorted(self.running, key=lambda r: r.admitted_seq):
-            while request in self.running and not self.kv.grow(request):
+            while request in self.running and not request.is_prefilling and not self.kv.grow(request):
                 self._preempt(max(self.running, key=lambda r: r.admitted_seq))
 
     def _preempt(self, request: Request) -> None:
@@ -138,10 +185,12 @@ class Scheduler:
                 del self.queues[adapter]
 
     def _fits(self, request: Request, admitted: list[Request]) -> bool:
-        prefill = sum(r.total_tokens for r in admitted) + request.total_tokens
+        """Room in the batch and the KV cache; prompts are prefilled in chunks, so their length
+        only bounds how many are admitted in one pass (twice the step's token budget)."""
+        prefill = sum(r.pending_tokens for r in admitted)
         return (
             len(self.running) < self.budget.max_batch_size
-            and (prefill <= self.budget.max_batch_prefill_tokens or not admitted)
+            and (prefill < 2 * self.budget.max_batch_prefill_tokens or not admitted)
             and self.kv.can_admit(request, self.running)
         )
 

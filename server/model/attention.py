@@ -115,7 +115,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, step: StepTensors) -> torch.Tensor:
         q, k, v = self._qkv(x, step)
         step.kv.write(self.layer_index, k, v, step.batch)
-        out = self._decode(q, step) if step.batch.is_decode else self._prefill(q, step)
+        rows = step.batch.num_decode_rows  # decoding rows come first, one token each: batched
+        if step.batch.is_decode:
+            out = self._decode(q, step)
+        elif rows:
+            out = torch.cat([self._decode(q[:rows], step), self._prefill(q[rows:], step, first=rows)])
+        else:
+            out = self._prefill(q, step)
         return self.o_proj(out.reshape(x.shape[0], -1), step.batch)
 
     def _qkv(self, x: torch.Tensor, step: StepTensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,9 +147,10 @@ class Attention(nn.Module):
         out = attend(grouped, keys, values, step.decode_masks[self.window], self.scale, self.softcap)
         return out.reshape(seqs, self.num_heads, self.head_dim)  # [seqs, heads, dim]
 
-    def _prefill(self, q: torch.Tensor, step: StepTensors) -> torch.Tensor:
+    def _prefill(self, q: torch.Tensor, step: StepTensors, first: int = 0) -> torch.Tensor:
+        """q: the new tokens of sequences first, first + 1, ... (those still prefilling)."""
         outputs, start = [], 0
-        for i, n_new in enumerate(step.batch.query_lens):
+        for i, n_new in enumerate(step.batch.query_lens[first:], start=first):
             qi = q[start : start + n_new].transpose(0, 1).unsqueeze(0)  # [1, heads, n_new, dim]
             ki, vi = step.kv.prefill_kv(self.layer_index, step.batch, i)  # [1, kv_heads, context, dim]
             o = attend(qi, ki, vi, step.prefill_masks[i][self.window], self.scale, self.softcap)

@@ -46,6 +46,11 @@ class ForwardBatch:
     kv_lens: Optional[torch.Tensor] = None  # [seqs] long, context_lens on the device
     attend_len: int = 0  # cache positions attention reads: >= max(context_lens); fixed when graphed
     kv_index: Any = None  # where the tokens live in a paged cache (the cache's own PagedIndex)
+    num_decode_rows: int = 0  # leading sequences feeding one token past their prefill (all of them in decode)
+
+    def __post_init__(self) -> None:
+        if self.is_decode:
+            self.num_decode_rows = len(self.query_lens)
 
     @property
     def last_token_rows(self) -> torch.Tensor:  # [seqs] index of each sequence's last token
@@ -56,7 +61,7 @@ class ForwardBatch:
         """[tokens] the length of each token's sequence after this step (longrope, dynamic NTK)."""
         if self.is_decode:
             return self.kv_lens
-        lens = torch.tensor(self.context_lens, device=self.input_ids.device)
+        lens = torch.tensor(self.context_lens, device=self.input_ids.device)  # a mixed batch's decode rows too
         return lens.repeat_interleave(torch.tensor(self.query_lens, device=self.input_ids.device))
 
 
@@ -174,11 +179,12 @@ class CausalLM(nn.Module):
         seq_lens = batch.token_seq_lens() if any(r.needs_seq_lens for r in self.rotaries.values()) else None
         rope = {key: r.cos_sin(batch.positions, seq_lens, dtype) for key, r in self.rotaries.items()}
         step = StepTensors(batch, kv, rope)
-        if batch.is_decode:
+        if batch.num_decode_rows:
             step.decode_masks = decode_masks(batch.kv_lens, batch.attend_len, self.windows, dtype)
-        else:
-            step.prefill_masks = [prefill_masks(n, total, self.windows, batch.input_ids.device)
-                                  for n, total in zip(batch.query_lens, batch.context_lens)]
+        if not batch.is_decode:  # the prefilling sequences: those after the decoding rows
+            step.prefill_masks = [prefill_masks(n, total, self.windows, batch.input_ids.device) if i >= batch.
+                                  num_decode_rows else {} for i, (n, total) in
+                                  enumerate(zip(batch.query_lens, batch.context_lens))]
         return step
 
     @classmethod
