@@ -51,21 +51,21 @@ async def throughput(url: str, streams: int, params: dict) -> float:
 def compile_times() -> dict:
     from server.config import ModelConfig
     from server.model.loader import load_model
-    from server.structured.guide import GuideFactory
+    from server.structured.guide import Constraint, GuideFactory
     from tests.test_structured import SCHEMAS
 
     loaded = load_model(ModelConfig())
     factory = GuideFactory(loaded.tokenizer, loaded.eos_token_ids)
     start = time.perf_counter()
-    factory.guide_for({"type": "object"}).result()
+    factory.guide_for(Constraint.json_schema(None)).result()
     setup = time.perf_counter() - start  # tokenizer conversion, once per process
     cold, cached = {}, {}
     for name, schema in SCHEMAS.items():
         for table in (cold, cached):
             start = time.perf_counter()
-            factory.guide_for(schema).result()
+            factory.guide_for(Constraint.json_schema(schema)).result()
             table[name] = round(1000 * (time.perf_counter() - start), 2)
-    guide = factory.guide_for(SCHEMAS["rich_character"]).result()
+    guide = factory.guide_for(Constraint.json_schema(SCHEMAS["rich_character"])).result()
     import torch
 
     logits = torch.zeros(len(loaded.tokenizer))

@@ -1,6 +1,6 @@
 """Frozen configuration for every layer, built from YAML, then LORASERVE_* env vars, then CLI flags.
 
-Each component receives only its own section (ModelConfig, Limits, HttpConfig); all of them are
+Each component receives only its own section (ModelConfig, Limits, HttpConfig, ...); all of them are
 validated on construction so a bad value stops the server at start with a message naming the key.
 """
 
@@ -114,15 +114,29 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class ChatConfig:
+    """How chat replies are read (server/structured/chat_format.py): "auto" recognises the format
+    from the chat template's markers; a name forces one for every template."""
+
+    tool_call_parser: str = "auto"  # auto | hermes | llama3_json | mistral | json
+    reasoning_parser: str = "auto"  # auto | think (<think>...</think>) | none
+
+    def __post_init__(self) -> None:
+        _check_choice("tool_call_parser", self.tool_call_parser, ("auto", "hermes", "llama3_json", "mistral", "json"))
+        _check_choice("reasoning_parser", self.reasoning_parser, ("auto", "think", "none"))
+
+
+@dataclass(frozen=True)
 class Settings:
     model: ModelConfig = field(default_factory=ModelConfig)
     limits: Limits = field(default_factory=Limits)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
 
 
-
-_SECTIONS = {"model": ModelConfig, "limits": Limits, "adapters": AdapterConfig, "http": HttpConfig}
+_SECTIONS = {"model": ModelConfig, "limits": Limits, "adapters": AdapterConfig, "http": HttpConfig,
+             "chat": ChatConfig}
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

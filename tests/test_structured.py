@@ -13,7 +13,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field, constr
 
-from server.structured.guide import GuideFactory
+from server.structured.guide import Constraint, GuideFactory
 from tests.adapter_factory import SPECS
 
 
@@ -135,7 +135,7 @@ def test_grammar_edge_cases_the_weaker_engines_got_wrong(loaded, schema, good, b
     factory = GuideFactory(loaded.tokenizer, loaded.eos_token_ids)
 
     def accepts(text: str) -> bool:
-        matcher = factory.guide_for(schema).result().matcher
+        matcher = factory.guide_for(Constraint.json_schema(schema)).result().matcher
         ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
         return matcher.try_consume_tokens(ids) == len(ids) and matcher.is_accepting()
 

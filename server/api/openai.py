@@ -1,6 +1,7 @@
 """OpenAI-compatible routes: /v1/chat/completions, /v1/completions, /v1/models (also under the seeds'
 /{tenant}/deployments/v2/llms/{deployment}/v1/...). The adapter is the `model`; "" or the base
-model's name means no adapter. Chat prompts use the adapter's own chat template when it ships one."""
+model's name means no adapter. Chat prompts use the adapter's own chat template when it ships one,
+and replies are read in that template's format: reasoning and native tool calls."""
 
 from __future__ import annotations
 
@@ -23,11 +24,19 @@ from server.api.openai_schemas import ChatCompletionRequest, CompletionRequest, 
 from server.engine.async_engine import AsyncEngine, GenerationInput, RequestHandle
 from server.engine.request import FinishReason, OutputOptions, RequestEvent, SamplingParams, TokenInfo
 from server.errors import NotFoundError, ValidationError, error_of_type
-from server.structured.tools import ToolPlan, as_tool_call, parse_tools, render_messages
+from server.structured.chat_format import ReplyDelta, ReplyParser, chat_format
+from server.structured.guide import MAX_SCHEMA_DEPTH, nesting_depth
+from server.structured.tools import ToolPlan, parse_tools, render_messages
 
 router = APIRouter()
 MAX_N = 8
 MAX_TOP_LOGPROBS = 20
+MAX_TEMPLATE_KWARGS_BYTES = 16 * 1024
+# apply_chat_template's own parameters and what the route sets itself: not for chat_template_kwargs
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs"})
 FINISH = {FinishReason.EOS: "stop", FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 
 
@@ -91,31 +100,82 @@ def logit_bias_processor(bias: dict[str, float], vocab_size: int):
     return apply
 
 
-def chat_prompt(body: ChatCompletionRequest, engine: AsyncEngine, adapter: Optional[AdapterWeights],
-                plan: Optional[ToolPlan]) -> str:
+def requested_format(body: SamplingFields) -> Optional[dict]:
+    """The request's response_format, or vLLM's extra body fields (guided_json / guided_regex /
+    guided_choice / guided_grammar, or structured_outputs {json | regex | choice | grammar}) as the
+    response_format they mean; at most one of them."""
+    guided = {kind: getattr(body, f"guided_{kind}") for kind in _GUIDED if getattr(body, f"guided_{kind}") is not None}
+    guided.update({k: v for k, v in (body.structured_outputs or {}).items() if k in _GUIDED and v is not None})
+    given = len(guided) + (body.response_format is not None)
+    _check(given <= 1, "give one of response_format, guided_json, guided_regex, guided_choice, guided_grammar "
+                       "and structured_outputs")
+    if not guided:
+        return body.response_format
+    kind, value = guided.popitem()
+    if kind == "json" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValidationError("guided_json must be a JSON schema") from None
+    return _GUIDED[kind](value)
+
+
+_GUIDED = {"json": lambda v: {"type": "json_schema", "json_schema": {"schema": v}},
+           "regex": lambda v: {"type": "regex", "pattern": v},
+           "choice": lambda v: {"type": "choice", "choices": v},
+           "grammar": lambda v: {"type": "grammar", "grammar": v}}
+
+
+def chat_template_of(engine: AsyncEngine, adapter: Optional[AdapterWeights]) -> str:
+    """The adapter's own chat template when it ships one, else the base model's."""
+    if adapter is not None and adapter.chat_template:
+        return adapter.chat_template
+    return engine.loaded.tokenizer.chat_template or ""
+
+
+def template_kwargs(body: ChatCompletionRequest) -> dict:
+    """chat_template_kwargs (vLLM's extra body field), checked: variables the template may read."""
+    kwargs = body.chat_template_kwargs or {}
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+    _check(not reserved, f"chat_template_kwargs may not set {', '.join(reserved)}")
+    _check(nesting_depth(kwargs) <= MAX_SCHEMA_DEPTH, f"chat_template_kwargs nest more than {MAX_SCHEMA_DEPTH} levels")
+    _check(len(json.dumps(kwargs)) <= MAX_TEMPLATE_KWARGS_BYTES,
+           f"chat_template_kwargs are larger than {MAX_TEMPLATE_KWARGS_BYTES} bytes")
+    return kwargs
+
+
+def chat_prompt(body: ChatCompletionRequest, engine: AsyncEngine, template: str, plan: Optional[ToolPlan]) -> str:
     for m in body.messages:
         _check(not isinstance(m.content, list) or all(p.get("type") == "text" for p in m.content),
                "only text content parts are supported")
     messages = [{**m.model_dump(exclude_none=True, include={"role", "tool_calls", "tool_call_id", "name"}),
                  "content": m.text()} for m in body.messages]
-    template = adapter.chat_template if adapter is not None and adapter.chat_template else None
-    knows_tools = "tools" in (template or engine.loaded.tokenizer.chat_template or "")
+    knows_tools = "tools" in template
     extra = {"tools": body.tools} if plan is not None and knows_tools else {}
     try:
         return engine.loaded.tokenizer.apply_chat_template(
-            render_messages(messages, plan, knows_tools), chat_template=template, tokenize=False,
-            add_generation_prompt=True, **extra)
+            render_messages(messages, plan, knows_tools), chat_template=template or None, tokenize=False,
+            add_generation_prompt=True, **template_kwargs(body), **extra)
     except Exception as exc:  # a template that rejects these messages (e.g. roles out of order)
         raise ValidationError(f"the chat template could not render these messages: {exc}") from None
 
 
 def constrained_format(body: ChatCompletionRequest, plan: Optional[ToolPlan]) -> Optional[dict]:
     """A forced tool call is a JSON schema constraint; otherwise the request's own response_format."""
+    requested = requested_format(body)
     if plan is None or plan.forced is None:
-        return body.response_format
-    _check(body.response_format in (None, {"type": "text"}),
-           "response_format and a forced tool call exclude each other")
+        return requested
+    _check(requested in (None, {"type": "text"}), "response_format and a forced tool call exclude each other")
     return {"type": "json_object", "schema": plan.schema}
+
+
+def reply_parser(body: ChatCompletionRequest, request: Request, template: str, prompt: str,
+                 plan: Optional[ToolPlan], response_format: Optional[dict]) -> ReplyParser:
+    """A fresh parser for one choice, in the format of the template's model (or the configured one)."""
+    chat = request.app.state.settings.chat
+    fmt = chat_format(template, chat.tool_call_parser, chat.reasoning_parser)
+    constrained = bool(response_format) and response_format.get("type") != "text"
+    return ReplyParser.for_reply(fmt, prompt, plan, body.parallel_tool_calls, constrained)
 
 
 # -- running n choices ------------------------------------------------------------------------------
@@ -225,67 +285,102 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     adapter = await engine.adapter(adapter_id_of(body, engine), body.adapter_source)
     top = (body.top_logprobs or 0) if body.logprobs else 0
     _check(body.logprobs or not body.top_logprobs, "top_logprobs requires logprobs: true")
-    inp = replace(generation_input(body, chat_prompt(body, engine, adapter, plan), engine,
-                                   body.max_completion_tokens or body.max_tokens, top, add_special_tokens=False),
+    template = chat_template_of(engine, adapter)
+    prompt = chat_prompt(body, engine, template, plan)
+    inp = replace(generation_input(body, prompt, engine, body.max_completion_tokens or body.max_tokens, top,
+                                   add_special_tokens=False),
                   response_format=constrained_format(body, plan))
+    readers = [ReplyReader(inp.stop_sequences, reply_parser(body, request, template, prompt, plan, inp.response_format))
+               for _ in range(body.n)]
     handles = await submit_choices(engine, inp, body.n)
     meta = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model,
             "system_fingerprint": f"loraserve-{__version__}"}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        choices = [ChoiceStream(i, inp.stop_sequences, plan, body.logprobs, engine) for i in range(body.n)]
+        choices = [ChoiceStream(i, reader, body.logprobs, body.include_reasoning, engine)
+                   for i, reader in enumerate(readers)]
         await wait_started(handles)
         return EventSourceResponse(_chat_stream(handles, meta, choices, include_usage, body.n), ping=15,
                                    background=closing(handles))
     results = await asyncio.gather(*(h.result() for h in handles))
     choices = []
-    for index, (handle, (tokens, reason)) in enumerate(zip(handles, results)):
-        text = trimmed_text(handle.request.output_text, inp.stop_sequences)
+    for index, (reader, (tokens, reason)) in enumerate(zip(readers, results)):
+        deltas = [d for t in tokens for d in reader.read(t)] + reader.end()
         logprobs = {"content": [chat_logprob(t, engine) for t in tokens if not t.special]} if body.logprobs else None
-        call = as_tool_call(text, plan) if plan is not None else None
-        message = {"role": "assistant", "content": None, "tool_calls": [call]} if call else \
-            {"role": "assistant", "content": text}
-        choices.append({"index": index, "message": message, "logprobs": logprobs,
-                        "finish_reason": "tool_calls" if call else FINISH[reason]})
+        choices.append({"index": index, "message": chat_message(deltas, body.include_reasoning), "logprobs": logprobs,
+                        "finish_reason": "tool_calls" if reader.parser.called else FINISH[reason]})
     return JSONResponse({**meta, "object": "chat.completion", "choices": choices, "usage": usage(handles, body.n)})
 
 
-class ChoiceStream:
-    """Turns one choice's events into chunk payloads: text deltas as they come, except that a reply
-    which may be a tool call (tools given, first visible character "{") is held until it ends."""
+class ReplyReader:
+    """One choice's reply as the client sees it: special tokens dropped (but for the format's own
+    tags, which real tokenizers often make special), stop sequences cut, then parsed."""
 
-    def __init__(self, index: int, stops: tuple[str, ...], plan: Optional[ToolPlan], logprobs: bool,
+    def __init__(self, stops: tuple[str, ...], parser: ReplyParser) -> None:
+        self.trimmer, self.parser = StopTrimmer(stops), parser
+
+    def read(self, token: TokenInfo) -> list[ReplyDelta]:
+        if token.special and token.text not in self.parser.markers:
+            return []
+        return self.parser.feed(self.trimmer.feed(token.text))
+
+    def end(self) -> list[ReplyDelta]:
+        return self.parser.feed(self.trimmer.flush()) + self.parser.finish()
+
+
+def chat_message(deltas: list[ReplyDelta], include_reasoning: bool) -> dict:
+    """The assistant message: content (null when the reply is only tool calls), tool_calls, and
+    reasoning_content when the model reasoned."""
+    content = "".join(d.content for d in deltas)
+    calls = [d.call.as_openai() for d in deltas if d.call is not None]
+    reasoning = "".join(d.reasoning for d in deltas)
+    message: dict = {"role": "assistant", "content": None if calls and not content.strip() else content}
+    if calls:
+        message["tool_calls"] = calls
+    if reasoning and include_reasoning:
+        message["reasoning_content"] = reasoning
+    return message
+
+
+class ChoiceStream:
+    """Turns one choice's events into chunk payloads: reasoning and content deltas as they come,
+    each tool call as soon as it is complete (a head with id and name, then its arguments)."""
+
+    def __init__(self, index: int, reader: ReplyReader, logprobs: bool, include_reasoning: bool,
                  engine: AsyncEngine) -> None:
-        self.index, self.plan, self.logprobs, self.engine = index, plan, logprobs, engine
-        self.trimmer = StopTrimmer(stops)
-        self.held: Optional[str] = "" if plan is not None else None  # None: streaming freely
+        self.index, self.reader, self.logprobs, self.engine = index, reader, logprobs, engine
+        self.include_reasoning = include_reasoning
+        self.calls = 0
 
     def _choice(self, delta: dict, finish: Optional[str] = None, logprobs=None) -> dict:
         return {"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
     def on_token(self, token: TokenInfo) -> list[dict]:
-        text = self.trimmer.feed(token.text)
-        lp = {"content": [chat_logprob(token, self.engine)]} if self.logprobs else None
-        if self.held is not None:
-            self.held += text
-            if not self.held.strip() or self.held.lstrip().startswith("{"):
-                return []  # undecided, or a possible tool call: hold
-            text, self.held = self.held, None
-        return [self._choice({"content": text}, logprobs=lp)] if text or lp else []
+        payloads = self._payloads(self.reader.read(token))
+        if self.logprobs and not token.special:
+            lp = {"content": [chat_logprob(token, self.engine)]}
+            payloads = [{**payloads[0], "logprobs": lp}, *payloads[1:]] if payloads else [self._choice({}, None, lp)]
+        return payloads
 
     def on_finish(self, reason: FinishReason) -> list[dict]:
-        rest = self.trimmer.flush()
-        if self.held is None:
-            return [self._choice({"content": rest} if rest else {}, FINISH.get(reason, "stop"))]
-        text = self.held + rest
-        call = as_tool_call(text, self.plan)
-        if call is None:
-            return [self._choice({"content": text}), self._choice({}, FINISH.get(reason, "stop"))]
-        head = {"index": 0, "id": call["id"], "type": "function",
-                "function": {"name": call["function"]["name"], "arguments": ""}}
-        args = {"index": 0, "function": {"arguments": call["function"]["arguments"]}}
-        return [self._choice({"tool_calls": [head]}), self._choice({"tool_calls": [args]}),
-                self._choice({}, "tool_calls")]
+        payloads = self._payloads(self.reader.end())
+        return payloads + [self._choice({}, "tool_calls" if self.reader.parser.called else FINISH.get(reason, "stop"))]
+
+    def _payloads(self, deltas: list[ReplyDelta]) -> list[dict]:
+        out = []
+        for d in deltas:
+            if d.reasoning and self.include_reasoning:
+                out.append(self._choice({"reasoning_content": d.reasoning}))
+            if d.content:
+                out.append(self._choice({"content": d.content}))
+            if d.call is not None:
+                head = {"index": self.calls, "id": d.call.id, "type": "function",
+                        "function": {"name": d.call.name, "arguments": ""}}
+                out.append(self._choice({"tool_calls": [head]}))
+                out.append(self._choice({"tool_calls": [{"index": self.calls,
+                                                         "function": {"arguments": d.call.arguments}}]}))
+                self.calls += 1
+        return out
 
 
 async def _chat_stream(handles, meta, choices: list[ChoiceStream], include_usage: bool,
@@ -302,7 +397,7 @@ async def _chat_stream(handles, meta, choices: list[ChoiceStream], include_usage
         if event.error is not None:
             yield stream_error(event)
             return
-        if event.token is not None and not event.token.special:
+        if event.token is not None:
             for payload in choices[index].on_token(event.token):
                 yield chunk([payload])
         if event.finish_reason is not None:
@@ -323,7 +418,8 @@ async def completions(body: CompletionRequest, request: Request):
     handles: list[RequestHandle] = []
     try:
         for prompt in prompts:
-            inp = generation_input(body, prompt, engine, body.max_tokens or 16, body.logprobs or 0, True)
+            inp = replace(generation_input(body, prompt, engine, body.max_tokens or 16, body.logprobs or 0, True),
+                          response_format=requested_format(body))
             handles += await submit_choices(engine, inp, body.n)
     except BaseException:
         for handle in handles:

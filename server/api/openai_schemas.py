@@ -51,6 +51,14 @@ class SamplingFields(BaseModel):
     top_k: Optional[int] = None
     repetition_penalty: Optional[float] = None
     ignore_eos_token: bool = False
+    # Constrained output (docs/structured-output.md): OpenAI's and Predibase's response_format, plus
+    # regex / choice / grammar variants, and vLLM's extra body fields meaning the same.
+    response_format: Optional[dict[str, Any]] = None
+    guided_json: Union[dict[str, Any], str, None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    structured_outputs: Optional[dict[str, Any]] = None  # vLLM >= 0.10: {json | regex | choice | grammar: ...}
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -60,7 +68,9 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Optional[int] = None
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Union[str, dict[str, Any], None] = None
-    response_format: Optional[dict[str, Any]] = None
+    parallel_tool_calls: bool = True  # false: at most one call per reply
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # vLLM's: e.g. {"enable_thinking": false} for Qwen3
+    include_reasoning: bool = True  # vLLM's: false leaves reasoning_content out
 
 
 class CompletionRequest(SamplingFields):

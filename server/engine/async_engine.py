@@ -34,7 +34,7 @@ from server.engine.request import (
 from server.errors import GenerationError, OverloadedError, UnavailableError, ValidationError, error_of_type
 from server.metrics import REJECTED
 from server.model.loader import LoadedModel
-from server.structured.guide import GuideFactory, JsonSchemaGuide, schema_of
+from server.structured.guide import GrammarGuide, GuideFactory, constraint_of
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class GenerationInput:
     merged_adapters: Optional[dict] = None  # LoRAX's {ids, weights, merge_strategy, density, ...}
     options: OutputOptions = OutputOptions()
     add_special_tokens: bool = True  # False for chat-template text, which carries its own BOS
-    response_format: Optional[dict] = None  # json_object / json_schema: constrained decoding
+    response_format: Optional[dict] = None  # json_object / json_schema / regex / choice / grammar: constrained
     processors: tuple[LogitsProcessor, ...] = ()
 
 
@@ -162,12 +162,12 @@ class AsyncEngine:
         self.engine.submit(request)
         return RequestHandle(request, events, self)
 
-    async def guide(self, response_format: Optional[dict]) -> Optional[JsonSchemaGuide]:
+    async def guide(self, response_format: Optional[dict]) -> Optional[GrammarGuide]:
         """A fresh grammar state for a constrained request, compiled off the engine loop."""
-        constrained, schema = schema_of(response_format)
-        if not constrained:
+        constraint = constraint_of(response_format)
+        if constraint is None:
             return None
-        return await _shielded(self.guides.guide_for(schema))
+        return await _shielded(self.guides.guide_for(constraint))
 
     async def adapter(self, adapter_id: Optional[str], source: Optional[str],
                       merged: Optional[dict] = None) -> Optional[AdapterWeights]:

@@ -100,7 +100,7 @@ LogitsProcessor = Callable[[torch.Tensor, "Request"], torch.Tensor]  # ([vocab],
 
 
 class TokenGuide(Protocol):
-    """Grammar state of a constrained request (server.structured.guide.JsonSchemaGuide)."""
+    """Grammar state of a constrained request (server.structured.guide.GrammarGuide)."""
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor: ...  # [vocab] -> [vocab], forbidden at -inf
 

@@ -1,9 +1,10 @@
-"""JSON-schema-constrained decoding with llguidance: schema -> grammar -> per-row token mask.
+"""Constrained decoding with llguidance: a JSON schema, a regex, a choice of strings or a
+context-free grammar (Lark, or GBNF) -> grammar -> per-row token mask.
 
 Why llguidance (see docs/structured-output.md): it passed every schema edge case probed here
 (integer bounds, maxProperties, exponent numbers) where outlines-core did not, compiles a schema in
 milliseconds and fills a 49k-token mask in ~0.2 ms. Compilation runs on a worker thread, cached by
-schema hash (LRU), so a request waits for its own schema while other rows keep decoding.
+hash (LRU), so a request waits for its own grammar while other rows keep decoding.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -21,15 +23,61 @@ from server.errors import ValidationError
 
 # Fixed separators and no free whitespace: output stays readable and can never loop on blanks.
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-MAX_SCHEMA_BYTES = 64 * 1024
+MAX_SCHEMA_BYTES = 64 * 1024  # also the most a regex, a grammar or a list of choices may take
 MAX_SCHEMA_DEPTH = 64  # nested objects/arrays; deeper would overflow the recursive walks (and llguidance's)
+MAX_CHOICES = 1024
 
 
 class SchemaError(ValidationError):
-    """The schema can't be compiled into a grammar (422 / OpenAI 400, with the reason)."""
+    """The schema, regex or grammar can't be compiled (422 / OpenAI 400, with the reason)."""
 
 
-class JsonSchemaGuide:
+@dataclass(frozen=True)
+class Constraint:
+    """What a constrained reply must match: `kind` names the syntax of `text`."""
+
+    kind: str  # "json_schema" | "regex" | "grammar" (Lark, or GBNF: llguidance converts it)
+    text: str
+
+    @classmethod
+    def json_schema(cls, schema: Optional[dict]) -> "Constraint":
+        """`schema` (None: any JSON object), its declared objects closed, its key order kept."""
+        schema = {"type": "object"} if schema is None else schema
+        if not isinstance(schema, dict):
+            raise SchemaError("the JSON schema must be an object")
+        if nesting_depth(schema) > MAX_SCHEMA_DEPTH:
+            raise SchemaError(f"the JSON schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
+        return cls._sized("json_schema", json.dumps(close_objects(schema)), "JSON schema")
+
+    @classmethod
+    def regex(cls, pattern: Any) -> "Constraint":
+        if not isinstance(pattern, str) or not pattern:
+            raise SchemaError("the regex must be a non-empty string")
+        return cls._sized("regex", pattern, "regex")
+
+    @classmethod
+    def choice(cls, choices: Any) -> "Constraint":
+        """One of the strings, exactly (as a Lark grammar: JSON string literals are Lark literals)."""
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+            raise SchemaError("choices must be a non-empty list of non-empty strings")
+        if len(choices) > MAX_CHOICES:
+            raise SchemaError(f"at most {MAX_CHOICES} choices")
+        return cls._sized("grammar", "start: " + " | ".join(json.dumps(c) for c in choices), "list of choices")
+
+    @classmethod
+    def grammar(cls, grammar: Any) -> "Constraint":
+        if not isinstance(grammar, str) or not grammar.strip():
+            raise SchemaError("the grammar must be a non-empty string (Lark, or GBNF)")
+        return cls._sized("grammar", grammar, "grammar")
+
+    @classmethod
+    def _sized(cls, kind: str, text: str, what: str) -> "Constraint":
+        if len(text.encode()) > MAX_SCHEMA_BYTES:
+            raise SchemaError(f"the {what} is larger than {MAX_SCHEMA_BYTES} bytes")
+        return cls(kind, text)
+
+
+class GrammarGuide:
     """One request's grammar state: masks its logits and advances on each accepted token."""
 
     def __init__(self, matcher: Any, vocab_size: int) -> None:
@@ -50,12 +98,12 @@ class JsonSchemaGuide:
 
     @property
     def finished(self) -> bool:
-        """The JSON is complete and nothing may follow it."""
+        """The output is complete and nothing may follow it."""
         return self.matcher.is_stopped()
 
 
 class GuideFactory:
-    """Compiles schemas off the engine loop and hands out fresh per-request guides."""
+    """Compiles constraints off the engine loop and hands out fresh per-request guides."""
 
     def __init__(self, hf_tokenizer: Any, eos_token_ids: frozenset[int], cache_size: int = 128) -> None:
         self._hf_tokenizer, self._eos = hf_tokenizer, sorted(eos_token_ids)
@@ -66,46 +114,38 @@ class GuideFactory:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compiler")
         self.compile_seconds: list[float] = []
 
-    def guide_for(self, schema: Optional[dict]) -> Future:
-        """A Future of a JsonSchemaGuide for `schema` (None: any JSON object)."""
-        schema = {"type": "object"} if schema is None else schema
-        if not isinstance(schema, dict):
-            raise SchemaError("the JSON schema must be an object")
-        if nesting_depth(schema) > MAX_SCHEMA_DEPTH:
-            raise SchemaError(f"the JSON schema is nested more than {MAX_SCHEMA_DEPTH} levels deep")
-        text = json.dumps(close_objects(schema))  # property order is output order: never sort
-        if len(text) > MAX_SCHEMA_BYTES:
-            raise SchemaError(f"the JSON schema is larger than {MAX_SCHEMA_BYTES} bytes")
-        return self._pool.submit(self._build, text)
+    def guide_for(self, constraint: Constraint) -> Future:
+        """A Future of a GrammarGuide for `constraint`."""
+        return self._pool.submit(self._build, constraint)
 
-    def _build(self, schema_text: str) -> JsonSchemaGuide:
+    def _build(self, constraint: Constraint) -> GrammarGuide:
         import llguidance
 
         tokenizer = self._llg_tokenizer()
-        grammar = self._grammar(schema_text, tokenizer)
+        grammar = self._grammar(constraint, tokenizer)
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
         if matcher.is_error():
-            raise SchemaError(f"invalid JSON schema: {matcher.get_error()}")
-        return JsonSchemaGuide(matcher, tokenizer.vocab_size)
+            raise SchemaError(f"invalid {_WHAT[constraint.kind]}: {matcher.get_error()}")
+        return GrammarGuide(matcher, tokenizer.vocab_size)
 
-    def _grammar(self, schema_text: str, tokenizer: Any) -> str:
+    def _grammar(self, constraint: Constraint, tokenizer: Any) -> str:
         import time
 
         import llguidance
 
-        key = hashlib.sha256(schema_text.encode()).hexdigest()
+        key = hashlib.sha256(f"{constraint.kind}\0{constraint.text}".encode()).hexdigest()
         with self._lock:
             if key in self._grammars:
                 self._grammars.move_to_end(key)
                 return self._grammars[key]
         started = time.perf_counter()
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_text, overrides=_JSON_OPTIONS)
+            grammar = _COMPILE[constraint.kind](constraint.text)
         except ValueError as exc:
-            raise SchemaError(f"invalid JSON schema: {exc}") from None
+            raise SchemaError(f"invalid {_WHAT[constraint.kind]}: {exc}") from None
         error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
         if error and not error.startswith("WARNING"):
-            raise SchemaError(f"unsupported JSON schema: {error}")
+            raise SchemaError(f"unsupported {_WHAT[constraint.kind]}: {error}")
         self.compile_seconds.append(time.perf_counter() - started)
         with self._lock:
             self._grammars[key] = grammar
@@ -152,15 +192,47 @@ def close_objects(schema: Any) -> Any:
     return closed
 
 
-def schema_of(response_format: Optional[dict]) -> tuple[bool, Optional[dict]]:
-    """(constrained?, schema) from Predibase's / LoRAX's and OpenAI's response_format shapes."""
+def constraint_of(response_format: Optional[dict]) -> Optional[Constraint]:
+    """The constraint a response_format asks for (None: free text). Shapes: Predibase's / LoRAX's
+    {"type": "json_object", "schema"}, OpenAI's json_object and json_schema, and, as vLLM, TGI and
+    outlines users write them, {"type": "regex", "pattern" | "regex" | "value"},
+    {"type": "choice", "choices" | "value"} and {"type": "grammar", "grammar" | "value"}."""
     if not response_format or response_format.get("type") == "text":
-        return False, None
+        return None
     kind = response_format.get("type")
     if kind == "json_object":
-        return True, response_format.get("schema")
+        return Constraint.json_schema(response_format.get("schema"))
     if kind == "json_schema":
         spec = response_format.get("json_schema") or {}
         schema = spec.get("schema") if isinstance(spec, dict) else None
-        return True, schema if schema is not None else response_format.get("schema")
-    raise ValidationError(f"response_format type must be text, json_object or json_schema; got {kind!r}")
+        return Constraint.json_schema(schema if schema is not None else response_format.get("schema"))
+    if kind in _FIELDS:
+        value = next((response_format[f] for f in _FIELDS[kind] if f in response_format), None)
+        return getattr(Constraint, kind)(value)
+    raise ValidationError("response_format type must be text, json_object, json_schema, regex, choice or grammar; "
+                          f"got {kind!r}")
+
+
+_FIELDS = {"regex": ("pattern", "regex", "value"), "choice": ("choices", "value"), "grammar": ("grammar", "value")}
+_WHAT = {"json_schema": "JSON schema", "regex": "regex", "grammar": "grammar"}
+
+
+def _compile_json_schema(text: str) -> str:
+    import llguidance
+
+    return llguidance.LLMatcher.grammar_from_json_schema(text, overrides=_JSON_OPTIONS)
+
+
+def _compile_regex(text: str) -> str:
+    import llguidance
+
+    return llguidance.LLMatcher.grammar_from_regex(text)
+
+
+def _compile_grammar(text: str) -> str:
+    import llguidance
+
+    return llguidance.grammar_from("grammar", text)  # Lark as it is; GBNF ("::=") converted to Lark
+
+
+_COMPILE = {"json_schema": _compile_json_schema, "regex": _compile_regex, "grammar": _compile_grammar}

@@ -1,17 +1,16 @@
-"""Function calling on top of constrained decoding.
+"""Function calling: OpenAI's `tools` and `tool_choice`, and prompts for templates without tools.
 
-A tool call is the JSON object {"name": ..., "arguments": {...}}. With tool_choice "required" or a
-named function the whole reply is constrained to that shape (name from the declared tools,
-arguments valid against the tool's parameters schema); with "auto" the model answers freely and a
-reply that is such an object naming a declared tool becomes a tool call. Chat templates that know
-tools get them natively; for the others a system message describes the tools and the format.
+With tool_choice "required" or a named function the whole reply is constrained to the JSON object
+{"name": ..., "arguments": {...}} (name from the declared tools, arguments valid against the tool's
+parameters schema); with "auto" the model answers freely, and the calls it writes in its own
+format are parsed by structured/tool_parsers.py. Chat templates that know tools get them natively;
+for the others a system message describes the tools and the (JSON) format.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -118,16 +117,3 @@ def _arguments(raw: Any) -> Any:
         except json.JSONDecodeError:
             return raw
     return raw
-
-
-def as_tool_call(text: str, plan: ToolPlan) -> Optional[dict]:
-    """OpenAI's tool_call entry if `text` is a call of a declared tool, else None."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    names = {t.name for t in plan.tools}
-    if not isinstance(value, dict) or value.get("name") not in names or not isinstance(value.get("arguments"), dict):
-        return None
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": value["name"], "arguments": json.dumps(value["arguments"])}}
