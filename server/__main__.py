@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cuda-graph-max-batch-size", type=int, help="CUDA: graph decode steps up to this size")
     serve.add_argument("--quantize", choices=["none", "int8"], help="CPU: int8 weight copies for small decode steps")
     serve.add_argument("--kv-cache", choices=["auto", "paged", "dense"], help="KV-cache layout (auto: paged on CPU)")
+    serve.add_argument("--tool-call-parser", choices=["auto", "hermes", "llama3_json", "mistral", "json"],
+                       help="how replies' native tool calls are read (auto: from the chat template)")
+    serve.add_argument("--reasoning-parser", choices=["auto", "think", "none"],
+                       help="<think>...</think> as reasoning_content (auto: when the chat template thinks)")
     serve.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_const", const=False,
                        help="do not reuse cached KV blocks of a shared prompt prefix")
     for name in ("max_input_length", "max_total_tokens", "max_batch_total_tokens", "max_batch_prefill_tokens",

@@ -166,3 +166,26 @@ def test_adapters_that_cannot_be_applied_exactly_are_refused(tmp_path: Path, tok
     arch = ArchConfig.from_hf(json.loads((model_dir / "config.json").read_text()))
     with pytest.raises(AdapterLoadError, match=re.escape(message)):
         read_adapter(AdapterKey("pbase", "a/1"), tmp_path / "a", arch)
+
+
+def test_openai_requests_take_generation_config_sampling_defaults(tmp_path: Path, tokenizer_dir: Path):
+    """generation_config.json's sampling defaults apply to what an OpenAI request leaves out (here
+    top_k 1: the reply is the greedy one), and the request's own fields win over them."""
+    from openai import OpenAI
+
+    model_dir = build_checkpoint(ARCHS[0], tmp_path / "m", tokenizer_dir)
+    generation = model_dir / "generation_config.json"
+    generation.write_text(json.dumps({**json.loads(generation.read_text()), "do_sample": True, "temperature": 0.9,
+                                      "top_k": 1}))
+    server = ServerProcess("--model", str(model_dir)).wait_ready(timeout=120)
+    try:
+        client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+
+        def complete(**kw) -> str:
+            return client.completions.create(model="", prompt=PROMPTS[1], max_tokens=16, **kw).choices[0].text
+
+        greedy = complete(temperature=0)
+        assert complete() == greedy and complete(seed=7) == greedy
+        assert complete(seed=7, extra_body={"top_k": 50}) != greedy  # the request's own top_k wins
+    finally:
+        server.stop()

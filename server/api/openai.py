@@ -64,11 +64,14 @@ def generation_input(body: SamplingFields, prompt: str, engine: AsyncEngine, max
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     _check(len(stops) <= engine.limits.max_stop_sequences,
            f"stop supports up to {engine.limits.max_stop_sequences} sequences")
-    temperature = 1.0 if body.temperature is None else body.temperature
+    # fields the request leaves out take the checkpoint's generation_config.json defaults, as vLLM does
+    defaults = engine.loaded.generation
+    temperature = _first(body.temperature, defaults.temperature, 1.0)
     return GenerationInput(
         prompt=prompt,
-        params=SamplingParams(temperature=temperature, top_k=body.top_k or 0, top_p=body.top_p or 1.0,
-                              repetition_penalty=body.repetition_penalty or 1.0,
+        params=SamplingParams(temperature=temperature, top_k=_first(body.top_k, defaults.top_k, 0),
+                              top_p=_first(body.top_p, defaults.top_p, 1.0),
+                              repetition_penalty=_first(body.repetition_penalty, defaults.repetition_penalty, 1.0),
                               frequency_penalty=body.frequency_penalty or 0.0,
                               presence_penalty=body.presence_penalty or 0.0,
                               do_sample=temperature > 0, seed=body.seed),
@@ -81,6 +84,10 @@ def generation_input(body: SamplingFields, prompt: str, engine: AsyncEngine, max
         options=OutputOptions(top_alternatives=top_logprobs),
         add_special_tokens=add_special_tokens,
     )
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
 
 
 def logit_bias_processor(bias: dict[str, float], vocab_size: int):
