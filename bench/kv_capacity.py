@@ -37,11 +37,13 @@ def run(layout: str, budget_mb: int, max_total: int, args: argparse.Namespace, l
     settings = Settings(limits=limits)
     settings = replace(settings, model=replace(settings.model, kv_cache=layout, device="cpu"))
     engine = build_engine(settings, loaded).engine
-    prompt = (loaded.tokenizer("Once upon a time " * args.prompt_tokens)["input_ids"])[: args.prompt_tokens]
+    # distinct prompts (each starts with its own number), so no two share a cached prefix block
+    prompts = [loaded.tokenizer(f"Request {i}. " + "Once upon a time " * args.prompt_tokens)["input_ids"][
+        : args.prompt_tokens] for i in range(args.requests)]
     requests = [Request(prompt_ids=prompt, params=SamplingParams(), sink=lambda event: None,
                         stop=StopCriteria(max_new_tokens=args.new_tokens, ignore_eos=True),
                         detokenizer=IncrementalDetokenizer(loaded.tokenizer, prompt, loaded.special_token_ids))
-                for _ in range(args.requests)]
+                for prompt in prompts]
     for request in requests:
         engine.scheduler.add(request)
     most, bytes_at_most, started = 0, 0, time.perf_counter()

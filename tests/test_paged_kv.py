@@ -80,11 +80,12 @@ def test_prefix_cache_reuses_blocks_of_the_same_adapter_only(make_engine):
     from tests.conftest import ROOT
 
     adapters = AdapterConfig(adapters_dir=str(ROOT / "adapters_cache"))
-    cases = [(SYSTEM + "When do you open on Sundays?", None), (SYSTEM + "Do you bake rye bread?", None),
-             (SYSTEM + "Do you bake rye bread?", "demo-pirate/1")]
+    # the first request ends right after its prefill (one new token): its blocks are cached as it leaves
+    cases = [(SYSTEM + "When do you open on Sundays?", None, 1), (SYSTEM + "Do you bake rye bread?", None, 12),
+             (SYSTEM + "Do you bake rye bread?", "demo-pirate/1", 12)]
 
-    def greedy(prompt, adapter):
-        return GenerationInput(prompt=prompt, params=SamplingParams(), max_new_tokens=12, ignore_eos=True,
+    def greedy(prompt, adapter, new_tokens):
+        return GenerationInput(prompt=prompt, params=SamplingParams(), max_new_tokens=new_tokens, ignore_eos=True,
                                adapter_id=adapter)
 
     cold = make_engine(adapters, model={"prefix_caching": False})

@@ -308,14 +308,17 @@ class PagedKVCache:
         assert self._extend(request), "can_admit checked the blocks"
 
     def grow(self, request: Any) -> bool:
-        """Before a decode step: register the request's blocks whose tokens are all computed (every
-        token but the one this step feeds), and extend its table to cover all its tokens; False if
-        the pool is out."""
-        if self.prefix_caching:
-            computed_blocks = (request.total_tokens - 1) // self.block_size
-            for block, key in zip(request.block_table[:computed_blocks], self._keys(request, computed_blocks)):
-                self.pool.register(block, key)
+        """Before a decode step: register the request's blocks whose tokens are all computed, and
+        extend its table to cover all its tokens; False if the pool is out."""
+        self._register(request)
         return self._extend(request)
+
+    def _register(self, request: Any) -> None:
+        """Offer the request's full, computed blocks to the prefix cache."""
+        if self.prefix_caching:
+            full = request.num_computed_tokens // self.block_size
+            for block, key in zip(request.block_table[:full], self._keys(request, full)):
+                self.pool.register(block, key)
 
     def _extend(self, request: Any) -> bool:
         missing = self.blocks_for(request.total_tokens) - len(request.block_table)
@@ -351,6 +354,7 @@ class PagedKVCache:
         return keys[:count]
 
     def release(self, request: Any) -> None:
+        self._register(request)  # a request that never decoded (one new token) has its prefix cached here
         self.pool.give_back(request.block_table)
         request.block_table = []
         self._holders -= 1

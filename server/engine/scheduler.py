@@ -96,14 +96,11 @@ class Scheduler:
     def num_requests(self) -> int:
         return sum(len(q) for q in self.queues.values()) + len(self.running)
 
-    @property
-    def reserved_tokens(self) -> int:
-        return sum(r.max_total_tokens for r in self.running)
-
     def add(self, request: Request) -> None:
         self.queues.setdefault(request.adapter, deque()).append(request)
 
     def schedule(self) -> BatchPlan | None:
+        """Admit what fits, make room for every decoding request's next token, and plan the step."""
         self._expire_waiting(time.monotonic())
         self._admit()
         self._make_room_for_decode()
@@ -175,8 +172,8 @@ class Scheduler:
         limit = self.budget.max_queue_wait_s
         for adapter in list(self.queues):
             queue = self.queues[adapter]
-            # a preempted request (it has output already) is never failed for waiting: it was admitted once
-            while queue and not queue[0].output_ids and now - queue[0].arrival_time > limit:
+            # a preempted request is never failed for waiting: it was admitted once
+            while queue and queue[0].admitted_seq < 0 and now - queue[0].arrival_time > limit:
                 request = queue.popleft()
                 REJECTED.labels("queue_timeout").inc()
                 request.finish(FinishReason.ERROR, f"waited more than max_queue_wait_s ({limit:g} s) for a place in "
