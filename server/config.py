@@ -62,7 +62,7 @@ class Limits:
     max_adapter_memory_mb: int = 1024  # device memory for resident adapters' weights
     max_cached_schemas: int = 128  # compiled JSON-schema grammars kept (LRU)
     max_queue_wait_s: int = 60  # longest wait for a place in the running batch; beyond it: 429 overloaded
-    kv_cache_memory_mb: int = 1024  # the paged KV pool, allocated at start (pages touched as blocks are used)
+    kv_cache_memory_mb: int = 1024  # the paged KV pool, allocated and zeroed at start
     kv_block_size: int = 16  # tokens per KV block
 
     def __post_init__(self) -> None:

@@ -120,19 +120,27 @@ def test_a_preloaded_adapter_that_does_not_exist_stops_the_start(tmp_path):
     assert_refused(result, "preload_adapters entry 'no-such-adapter/1' failed: adapter no-such-adapter/1 not found")
 
 
-def test_running_out_of_memory_names_the_sizes_and_the_knob(default_dir):
-    """A KV cache for far more sequences than RAM holds: its first block can't be allocated. The
-    size asks for 4x RAM + swap in one allocation, which Linux refuses at once unless it is told to
-    overcommit unconditionally (then the allocation would succeed and fill the machine instead)."""
+@pytest.mark.parametrize("layout", ["paged", "dense"])
+def test_running_out_of_memory_names_the_sizes_and_the_knob(default_dir, layout):
+    """A KV cache far larger than RAM: the paged pool (allocated at start) or the dense cache's first
+    block (at warm-up) can't be allocated. The size asks for 4x RAM + swap in one allocation, which
+    Linux refuses at once unless it is told to overcommit unconditionally (then the allocation would
+    succeed and fill the machine instead)."""
     if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
         pytest.skip("vm.overcommit_memory=1: a huge allocation would succeed, then exhaust memory")
     meminfo = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
     ram_and_swap = sum(int(meminfo[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
+    if layout == "paged":  # refused before allocating anything
+        mb = 4 * ram_and_swap // 2**20
+        result = start("--device", "cpu", "--dtype", "float32", "--kv-cache-memory-mb", str(mb))
+        assert_refused(result, f"kv_cache_memory_mb ({mb}) is more than the memory available now")
+        assert "lower --kv-cache-memory-mb" in result.stderr
+        return
     arch = json.loads((default_dir / "config.json").read_text())
     head_dim = arch["hidden_size"] // arch["num_attention_heads"]
     slot_bytes = arch["num_key_value_heads"] * 256 * head_dim * 4  # one layer's keys, first 256-token block, fp32
     slots = 4 * ram_and_swap // slot_bytes
-    result = start("--device", "cpu", "--dtype", "float32", "--max-batch-size", str(slots))
+    result = start("--device", "cpu", "--dtype", "float32", "--kv-cache", "dense", "--max-batch-size", str(slots))
     assert_refused(result, "out of memory while warming_up: DefaultCPUAllocator: can't allocate memory")
     assert f"max_batch_size ({slots})" in result.stderr and "lower --max-batch-size" in result.stderr
 

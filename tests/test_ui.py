@@ -29,6 +29,9 @@ PERSON = {"type": "object", "required": ["name", "age"],
                                                                             "maximum": 120}}}
 SLOW = 120_000  # ms: a generation on a busy 2-core machine
 
+# the base model and every adapter shipped in adapters_cache/ (the demos)
+MODEL_OPTIONS = 1 + len(list((ROOT / "adapters_cache").glob("*/*/adapter_config.json")))
+
 
 # -- servers, browser, page -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
@@ -95,7 +98,7 @@ def new_page(browser):
 @pytest.fixture
 def page(new_page, open_server):
     page = new_page(open_server.url)
-    expect(page.locator("#model-a option")).to_have_count(3)  # base + the two demo adapters
+    expect(page.locator("#model-a option")).to_have_count(MODEL_OPTIONS)
     return page
 
 
@@ -300,7 +303,7 @@ def test_with_keys_the_page_asks_for_one_and_sends_it(new_page, keyed_server, sh
     page.fill("#key-input", KEY)
     page.click("#key-form button[type=submit]")
     expect(page.locator("#key-dialog")).to_be_hidden()
-    expect(page.locator("#model-a option")).to_have_count(3)
+    expect(page.locator("#model-a option")).to_have_count(MODEL_OPTIONS)
     set_sampling(page, max_tokens=8)
     page.fill("#prompt", PROMPT)
     run(page)
@@ -308,6 +311,6 @@ def test_with_keys_the_page_asks_for_one_and_sends_it(new_page, keyed_server, sh
     sent_after_key = sent[sent.index(f"Bearer {KEY}"):]
     assert sent_after_key and all(h == f"Bearer {KEY}" for h in sent_after_key)
     page.reload()  # the key lasts for the tab
-    expect(page.locator("#model-a option")).to_have_count(3)
+    expect(page.locator("#model-a option")).to_have_count(MODEL_OPTIONS)
     expect(page.locator("#key-dialog")).to_be_hidden()
 

@@ -38,6 +38,7 @@ class StartPhase(str, Enum):
     RESOLVING = "resolving"  # finding the model directory (a hub id downloads here)
     CONVERTING = "converting"  # the default model's one-time GGUF conversion (about 30 s)
     LOADING_WEIGHTS = "loading_weights"  # tokenizer and weights onto the device
+    ALLOCATING_KV_CACHE = "allocating_kv_cache"  # the paged KV pool (the dense cache grows at warm-up)
     PRELOADING_ADAPTERS = "preloading_adapters"  # preload_adapters, before warm-up: a bad id fails sooner
     WARMING_UP = "warming_up"  # one request through prefill and decode
 
@@ -85,6 +86,10 @@ def build_kv_cache(settings: Settings, loaded: LoadedModel) -> KVCache | PagedKV
                        limits.max_batch_total_tokens)
     # longrope sequences recompute their whole cache once (model.recomputes_at): never over shared blocks
     prefix_caching = settings.model.prefix_caching and not loaded.model.recomputes_caches
+    available = available_host_memory() if loaded.device.type == "cpu" else None
+    if available is not None and limits.kv_cache_memory_mb * 2**20 > available:
+        raise StartupError(f"kv_cache_memory_mb ({limits.kv_cache_memory_mb}) is more than the memory available "
+                           f"now ({available // 2**20} MB, after the weights): lower --kv-cache-memory-mb")
     kv = PagedKVCache.sized(arch, limits.kv_cache_memory_mb * 2**20, limits.kv_block_size, loaded.device, loaded.dtype,
                             prefix_caching)
     if kv.capacity_tokens < limits.max_total_tokens:
@@ -97,8 +102,18 @@ def build_kv_cache(settings: Settings, loaded: LoadedModel) -> KVCache | PagedKV
     return kv
 
 
+def available_host_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), in bytes; None where it can't be read."""
+    try:
+        line = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemAvailable"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
 def _assemble(settings: Settings, loaded: LoadedModel, phases: PhaseLog) -> AsyncEngine:
     limits = settings.limits
+    phases.enter(StartPhase.ALLOCATING_KV_CACHE)
     kv = build_kv_cache(settings, loaded)
     resident = ResidentAdapters(loaded.model, limits.max_active_adapters, limits.max_adapter_memory_mb * 2**20)
     budget = SchedulerBudget(limits.max_batch_size, limits.max_batch_total_tokens, limits.max_batch_prefill_tokens,
@@ -135,6 +150,9 @@ def out_of_memory_message(exc: BaseException, phase: StartPhase, limits: Limits)
     detail = _CPU_BYTES.sub(lambda m: f"{m.group(0)} ({int(m.group(1)) / 1e9:.1f} GB)", detail)
     if phase in (StartPhase.RESOLVING, StartPhase.CONVERTING, StartPhase.LOADING_WEIGHTS):
         advice = "the weights do not fit: use a smaller model or dtype (--dtype bfloat16), or free the device"
+    elif phase is StartPhase.ALLOCATING_KV_CACHE:
+        advice = (f"the paged KV cache is kv_cache_memory_mb ({limits.kv_cache_memory_mb}) MB: lower "
+                  "--kv-cache-memory-mb, or free the device")
     else:
         advice = (f"the KV cache holds max_batch_size ({limits.max_batch_size}) sequences of up to "
                   f"max_total_tokens ({limits.max_total_tokens}) tokens: lower --max-batch-size or "

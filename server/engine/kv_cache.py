@@ -167,7 +167,7 @@ class PagedIndex:
 class BlockPool:
     """Fixed-size blocks with reference counts. A full block can be registered under its prefix key;
     when its last user leaves it stays cached but idle (least recently used first), and is only
-    reclaimed when a never-cached block is no longer free. Block 0 is kept back, zeroed, as padding."""
+    reclaimed when a never-cached block is no longer free. Block 0 is kept back as the padding target."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
@@ -176,7 +176,6 @@ class BlockPool:
         self.refs = [0] * num_blocks
         self.key_of: dict[int, bytes] = {}
         self.block_of: dict[bytes, int] = {}
-        self.fresh: set[int] = set(range(1, num_blocks))  # never handed out: contents not yet zeroed
 
     @property
     def num_free(self) -> int:
@@ -241,12 +240,13 @@ class PagedKVCache:
         self.arch, self.block_size, self.device, self.dtype = arch, block_size, device, dtype
         self.prefix_caching = prefix_caching
         self.pool = BlockPool(num_blocks)
-        shape = (num_blocks * block_size, arch.num_kv_heads, arch.head_dim)
-        # empty, not zeros: untouched pages cost no memory; each block is zeroed when first handed out
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(arch.num_layers)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(arch.num_layers)]
+        # One allocation, zeroed, so the whole pool is resident from the start: too large a pool fails
+        # here, at once, not later under load (nor one layer at a time into the OOM killer); and
+        # padding reads finite values. Each layer's K and V are views of it.
+        pool = torch.zeros((2, arch.num_layers, num_blocks * block_size, arch.num_kv_heads, arch.head_dim),
+                           device=device, dtype=dtype)
+        self.keys, self.values = list(pool[0].unbind(0)), list(pool[1].unbind(0))
         self._holders = 0
-        self._zero([0])
 
     @classmethod
     def sized(cls, arch: ArchConfig, memory_bytes: int, block_size: int, device: torch.device,
@@ -326,9 +326,7 @@ class PagedKVCache:
             return True
         if missing > self.pool.num_free:
             return False
-        blocks = self.pool.take(missing)
-        self._zero([b for b in blocks if b in self.pool.fresh])
-        request.block_table.extend(blocks)
+        request.block_table.extend(self.pool.take(missing))
         return True
 
     def _match(self, request: Any) -> list[int]:
@@ -361,16 +359,6 @@ class PagedKVCache:
 
     def ensure_capacity(self, tokens: int) -> None:
         """The pool is allocated once (the builder checks that one request of max_total_tokens fits)."""
-
-    def _zero(self, blocks: list[int]) -> None:
-        if not blocks:
-            return
-        slots = torch.cat([torch.arange(b * self.block_size, (b + 1) * self.block_size) for b in blocks])
-        slots = slots.to(self.device)
-        for k, v in zip(self.keys, self.values):
-            k[slots] = 0
-            v[slots] = 0
-        self.pool.fresh.difference_update(blocks)
 
     # -- runner side -------------------------------------------------------------------------------
     def index(self, requests: Sequence[Any], query_lens: list[int], context_lens: list[int], decode_rows: int,
