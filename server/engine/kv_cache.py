@@ -161,7 +161,7 @@ class PagedIndex:
 
     slot_mapping: torch.Tensor  # [tokens] where each new token's K and V are written
     gather: Optional[torch.Tensor]  # decoding rows: [rows, attend_len] the slots each attends over (padding: 0)
-    sequences: tuple[torch.Tensor, ...]  # per sequence [context_len] its slots in order (prefilling rows read them)
+    sequences: tuple[torch.Tensor, ...]  # per prefilling sequence (after the decoding rows): its slots in order
 
 
 class BlockPool:
@@ -301,6 +301,7 @@ class PagedKVCache:
         self.pool.share(matched)
         request.block_table = list(matched)
         request.num_computed_tokens = len(matched) * self.block_size
+        request.registered_blocks = len(matched)
         if self.prefix_caching and not request.options.prefill_logprobs:
             PREFIX_LOOKUP_TOKENS.inc(request.total_tokens)
             PREFIX_HIT_TOKENS.inc(request.num_computed_tokens)
@@ -314,11 +315,13 @@ class PagedKVCache:
         return self._extend(request)
 
     def _register(self, request: Any) -> None:
-        """Offer the request's full, computed blocks to the prefix cache."""
-        if self.prefix_caching:
-            full = request.num_computed_tokens // self.block_size
-            for block, key in zip(request.block_table[:full], self._keys(request, full)):
-                self.pool.register(block, key)
+        """Offer the request's full, computed blocks not offered yet to the prefix cache."""
+        full = request.num_computed_tokens // self.block_size
+        if self.prefix_caching and full > request.registered_blocks:
+            keys = self._keys(request, full)
+            for i in range(request.registered_blocks, full):
+                self.pool.register(request.block_table[i], keys[i])
+            request.registered_blocks = full
 
     def _extend(self, request: Any) -> bool:
         missing = self.blocks_for(request.total_tokens) - len(request.block_table)
@@ -369,18 +372,20 @@ class PagedKVCache:
         size = self.block_size
         table = torch.nn.utils.rnn.pad_sequence([torch.tensor(r.block_table, dtype=torch.long) for r in requests],
                                                 batch_first=True)  # [seqs, max_blocks], padding block 0
-        sequences = [row[torch.arange(n) // size] * size + torch.arange(n) % size
-                     for row, n in zip(table, context_lens)]
-        mapping = torch.cat([seq[n - q :] for seq, n, q in zip(sequences, context_lens, query_lens)])
-        gather = None
-        if decode_rows:
+        mapping, gather = [], None
+        if decode_rows:  # one new token each, at context_len - 1: a column of what they read
             rows = torch.nn.functional.pad(table[:decode_rows],
                                            (0, max(0, self.blocks_for(attend_len) - table.shape[1])))
             reach = torch.arange(attend_len)
             gather = rows[:, reach // size] * size + reach % size  # [decode_rows, attend_len]
-            gather = torch.where(reach[None, :] < torch.tensor(context_lens[:decode_rows])[:, None], gather, 0)
-            gather = gather.to(self.device)
-        return PagedIndex(mapping.to(self.device), gather, tuple(seq.to(self.device) for seq in sequences))
+            lengths = torch.tensor(context_lens[:decode_rows])
+            mapping.append(gather[torch.arange(decode_rows), lengths - 1])
+            gather = torch.where(reach[None, :] < lengths[:, None], gather, 0)
+        sequences = [row[torch.arange(n) // size] * size + torch.arange(n) % size
+                     for row, n in zip(table[decode_rows:], context_lens[decode_rows:])]
+        mapping += [seq[n - q :] for seq, n, q in zip(sequences, context_lens[decode_rows:], query_lens[decode_rows:])]
+        return PagedIndex(torch.cat(mapping).to(self.device), None if gather is None else gather.to(self.device),
+                          tuple(seq.to(self.device) for seq in sequences))
 
     # -- attention side ----------------------------------------------------------------------------
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, batch: Any) -> None:
@@ -395,5 +400,5 @@ class PagedKVCache:
 
     def prefill_kv(self, layer: int, batch: Any, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
         k_cache, v_cache = self.layer(layer)
-        slots = batch.kv_index.sequences[seq]  # [context_len]
+        slots = batch.kv_index.sequences[seq - batch.num_decode_rows]  # [context_len]
         return k_cache[slots].transpose(0, 1).unsqueeze(0), v_cache[slots].transpose(0, 1).unsqueeze(0)

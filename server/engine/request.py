@@ -132,6 +132,7 @@ class Request:
     admitted_seq: int = -1  # admission order: the newest running request is preempted first
     num_computed_tokens: int = 0  # tokens whose KV is in the cache (from the prefix cache at admission, then computed)
     prefix_hashes: list[bytes] = field(default_factory=list)  # paged: keys of its full blocks, computed once
+    registered_blocks: int = 0  # paged: leading blocks already offered to the prefix cache
     generator: Optional[torch.Generator] = None
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: Optional[float] = None
@@ -154,6 +155,12 @@ class Request:
     def pending_tokens(self) -> int:
         """Tokens to feed before the next one can be sampled: 1 in decode, more while (re)prefilling."""
         return self.total_tokens - self.num_computed_tokens
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Prompt log-probs are read off its first prefill, which is therefore fed whole (not again
+        when its cache is recomputed)."""
+        return self.options.prefill_logprobs and not self.output_ids
 
     @property
     def is_prefilling(self) -> bool:

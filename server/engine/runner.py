@@ -29,21 +29,21 @@ class ModelRunner:
             logits = self.graphs.run(batch)
             if logits is not None:
                 return logits
-        if plan.is_decode or not any(_scores_prompt(r) for r in plan.requests):
+        if plan.is_decode or not any(r.scores_prompt for r in plan.requests):
             return self.model(batch, self.kv)
         return self._run_with_prompt_logprobs(plan, batch)
 
     def _run_with_prompt_logprobs(self, plan: BatchPlan, batch: ForwardBatch) -> torch.Tensor:
         """Prefill that also scores every prompt token of the requests that asked for it."""
         ends = batch.last_token_rows.tolist()
-        spans = [range(end - n + 1, end + 1) if _scores_prompt(r) else range(end, end + 1)
+        spans = [range(end - n + 1, end + 1) if r.scores_prompt else range(end, end + 1)
                  for r, n, end in zip(plan.requests, batch.query_lens, ends)]
         batch.logit_rows = torch.tensor([i for span in spans for i in span], device=self.device)
         logits = self.model(batch, self.kv)  # [sum(len(span)), vocab]
         last, start = [], 0
         for request, span in zip(plan.requests, spans):
             rows = logits[start : start + len(span)]
-            if _scores_prompt(request):
+            if request.scores_prompt:
                 request.prefill_logprobs = score_prompt(rows[:-1], request.prompt_ids)
             last.append(rows[-1])
             start += len(span)
@@ -75,11 +75,6 @@ class ModelRunner:
             num_decode_rows=decode_rows,
             kv_index=self.kv.index(requests, list(fed), context_lens, decode_rows, attend_len),
         )
-
-
-def _scores_prompt(request) -> bool:
-    """Prompt log-probs are computed at the first prefill only (not again when recomputed)."""
-    return request.options.prefill_logprobs and not request.output_ids
 
 
 def score_prompt(logits: torch.Tensor, prompt_ids: list[int]) -> list[float | None]:

@@ -126,9 +126,8 @@ class Scheduler:
         whole, since they are read off one pass."""
         chunks: list[tuple[Request, int]] = []
         for request in sorted(prefilling, key=lambda r: r.admitted_seq):
-            whole = request.options.prefill_logprobs and not request.output_ids
-            n = request.pending_tokens if whole else min(request.pending_tokens, budget)
-            if n <= 0 or (whole and chunks and n > budget):
+            n = request.pending_tokens if request.scores_prompt else min(request.pending_tokens, budget)
+            if n <= 0 or (request.scores_prompt and chunks and n > budget):
                 break
             chunks.append((request, n))
             budget -= n

@@ -98,7 +98,7 @@ class ArchConfig:
             max_position_embeddings=hf.max_position_embeddings,
             tie_word_embeddings=bool(hf.tie_word_embeddings),
             qkv_bias=hf.model_type == "qwen2" or bool(getattr(hf, "attention_bias", False)),
-            o_bias=hf.model_type in ("llama", "qwen3") and bool(getattr(hf, "attention_bias", False)),
+            o_bias=hf.model_type != "qwen2" and bool(getattr(hf, "attention_bias", False)),  # Qwen2: q/k/v only
             mlp_bias=bool(getattr(hf, "mlp_bias", False)),
             norm=Norm.RMS_ONE_PLUS if gemma else Norm.RMS,
             qk_norm=hf.model_type in ("qwen3", "gemma3_text"),

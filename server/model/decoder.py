@@ -138,18 +138,20 @@ class CausalLM(nn.Module):
         self.lm_head = Projection(cfg.hidden_size, {"lm_head": cfg.vocab_size}, bias=False)  # never adapted
         self.windows: set[Window] = set(cfg.layer_windows)
         self.rotaries: dict[str, Rotary] = {}  # made on the device by from_pretrained / init_rotaries
+        self._recompute_lengths: frozenset[int] = frozenset()
 
     def init_rotaries(self, device: torch.device) -> None:
         self.rotaries = build_rotaries(self.config, device)
+        self._recompute_lengths = frozenset(r.switch_len + 1 for r in self.rotaries.values() if isinstance(r, LongRope))
 
     def recomputes_at(self, context_len: int) -> bool:
         """Whether a sequence reaching this length has its whole KV cache recomputed, as
         transformers does for Phi-3 longrope when a sequence first passes the original context."""
-        return any(isinstance(r, LongRope) and context_len == r.switch_len + 1 for r in self.rotaries.values())
+        return context_len in self._recompute_lengths
 
     @property
     def recomputes_caches(self) -> bool:
-        return any(isinstance(r, LongRope) for r in self.rotaries.values())
+        return bool(self._recompute_lengths)
 
     @property
     def graph_safe(self) -> bool:
@@ -182,9 +184,10 @@ class CausalLM(nn.Module):
         if batch.num_decode_rows:
             step.decode_masks = decode_masks(batch.kv_lens, batch.attend_len, self.windows, dtype)
         if not batch.is_decode:  # the prefilling sequences: those after the decoding rows
-            step.prefill_masks = [prefill_masks(n, total, self.windows, batch.input_ids.device) if i >= batch.
-                                  num_decode_rows else {} for i, (n, total) in
-                                  enumerate(zip(batch.query_lens, batch.context_lens))]
+            first = batch.num_decode_rows
+            step.prefill_masks = [{}] * first + [
+                prefill_masks(n, total, self.windows, batch.input_ids.device)
+                for n, total in zip(batch.query_lens[first:], batch.context_lens[first:])]
         return step
 
     @classmethod
