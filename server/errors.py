@@ -22,6 +22,25 @@ class ValidationError(ServingError):
     status_code = 422
 
 
+class BadRequestError(ServingError):
+    """A control-plane request that can't be honoured as asked (wrong base model, dataset not ready)."""
+
+    error_type = "bad_request"
+    status_code = 400
+
+
+class ForbiddenError(ServingError):
+    error_type = "forbidden"
+    status_code = 403
+
+
+class ConflictError(ServingError):
+    """The name is taken, or the thing is busy (a repo with a job running)."""
+
+    error_type = "conflict"
+    status_code = 409
+
+
 class NotFoundError(ServingError):
     error_type = "not_found"
     status_code = 404
