@@ -127,16 +127,32 @@ class ChatConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """The control plane (server/control/): pre-signed URLs and the trainer process."""
+
+    public_url: str = ""  # base of pre-signed URLs (behind a proxy); empty: each request's own base URL
+    max_upload_mb: int = 100  # one pre-signed upload (a dataset or adapter file); larger: 413
+    training_threads: int = 1  # torch CPU threads of a fine-tuning process (the engine keeps the rest)
+
+    def __post_init__(self) -> None:
+        _check_min("max_upload_mb", self.max_upload_mb, 1)
+        _check_min("training_threads", self.training_threads, 1)
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            raise ConfigError(f"public_url must start with http:// or https://; got {self.public_url!r}")
+
+
+@dataclass(frozen=True)
 class Settings:
     model: ModelConfig = field(default_factory=ModelConfig)
     limits: Limits = field(default_factory=Limits)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     chat: ChatConfig = field(default_factory=ChatConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
 
 
 _SECTIONS = {"model": ModelConfig, "limits": Limits, "adapters": AdapterConfig, "http": HttpConfig,
-             "chat": ChatConfig}
+             "chat": ChatConfig, "control": ControlConfig}
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -72,6 +72,5 @@ async def unload_adapter(ref: AdapterRef, request: Request) -> dict:
     """Drop from the CPU tier and, once no running request uses it, from the device."""
     engine = engine_of(request)
     key = engine.store.key_for(ref.adapter_id, ref.adapter_source)
-    was_loaded = engine.store.unload(key)
-    engine.engine.call_soon(lambda: engine.engine.scheduler.evict_idle(key))
+    was_loaded = engine.unload_adapter(key)
     return {"adapter_id": ref.adapter_id, "unloaded": was_loaded}

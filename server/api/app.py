@@ -22,15 +22,18 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server import __version__
-from server.api import admin, control, native, openai, ui
+from server.api import admin, native, openai, ui
 from server.api.errors import error_body, install_error_handlers, is_openai
 from server.api.schemas import Info
 from server.config import Settings
+from server.control.presigned import is_blob_path
+from server.control.routes import build_control_plane, include_control_routers
 from server.engine.async_engine import AsyncEngine
 from server.engine.builder import StartPhase, StartProgress
 from server.errors import ExitCode, StartupError, one_line
 from server.logs import REQUEST_ID
 from server.metrics import ENGINE_COLLECTOR, HTTP_REQUESTS, REGISTRY
+from server.model.default_model import loraserve_home
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +89,8 @@ class BodySizeLimit:
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH") or is_blob_path(scope["path"]):
+            return await self.app(scope, receive, send)  # a pre-signed upload streams under its own cap
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._too_large(scope, receive, send)
@@ -189,7 +192,7 @@ async def _wait_for_disconnect(receive) -> None:
 
 
 class BearerAuth:
-    """Every route but /health and the static page (ui.py: it holds no data) needs `Authorization:
+    """Every route but /health, the static page (ui.py: it holds no data) and pre-signed URLs needs `Authorization:
     Bearer <one of the keys>` (compared in constant time, against every key, so timing says nothing
     about which or how much matched)."""
 
@@ -197,7 +200,8 @@ class BearerAuth:
         self.app, self.keys = app, [k.encode() for k in keys]
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["path"] == "/health" or ui.is_page_request(scope) or self._allowed(scope):
+        if (scope["type"] != "http" or scope["path"] == "/health" or ui.is_page_request(scope)
+                or is_blob_path(scope["path"]) or self._allowed(scope)):  # a pre-signed URL's token is its key
             return await self.app(scope, receive, send)
         error_type = "authentication_error" if is_openai(scope["path"]) else "unauthorized"
         body = error_body(scope["path"], 401, error_type, "missing or invalid API key (Authorization: Bearer ...)")
@@ -295,6 +299,7 @@ def create_app(settings: Settings, factory: EngineFactory,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.engine = None
+        app.state.control = build_control_plane(settings, loraserve_home())
         threading.Thread(target=holder.load, args=(app,), name="model-loader", daemon=True).start()
         watchdog = asyncio.create_task(exit_when_engine_dies(holder))
         yield
@@ -302,6 +307,7 @@ def create_app(settings: Settings, factory: EngineFactory,
         if holder.engine is not None:
             holder.engine.engine.stop()
             holder.engine.store.shutdown()
+        app.state.control.close()
 
     app = FastAPI(title="loraserve", version=__version__, lifespan=lifespan)
     app.state.holder, app.state.settings = holder, settings
@@ -313,7 +319,7 @@ def create_app(settings: Settings, factory: EngineFactory,
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(admin.router)
-    app.include_router(control.router)
+    include_control_routers(app)
     app.include_router(openai.router)
     app.include_router(ui.router)
 

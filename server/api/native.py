@@ -45,10 +45,14 @@ def engine_of(request: Request) -> AsyncEngine:
 
 
 def check_deployment(request: Request, tenant: str, deployment: str) -> None:
-    """The seeds' URLs name a deployment: it must be this server's model or a configured alias. The
+    """The seeds' URLs name a deployment: it must be this server's model or an alias (configured, or
+    made over the control plane). The
     tenant is ignored; it is a parameter so the OpenAPI document declares every path parameter."""
     engine = engine_of(request)
     names = {engine.loaded.name.lower(), *(n.lower() for n in request.app.state.settings.http.deployment_names)}
+    control = getattr(request.app.state, "control", None)
+    if control is not None:  # names made over the control plane's POST /v2/deployments
+        names |= control.deployments.aliases()
     if deployment.lower() not in names:
         raise NotFoundError(f"deployment {deployment!r} not found; this server serves {sorted(names)}")
 

@@ -17,7 +17,7 @@ import torch
 
 from server.adapters.merge import MergeSpec
 from server.adapters.store import AdapterStore
-from server.adapters.weights import AdapterWeights
+from server.adapters.weights import AdapterKey, AdapterWeights
 from server.config import Limits
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.engine import Engine
@@ -179,6 +179,13 @@ class AsyncEngine:
         if not adapter_id or adapter_id == self.loaded.name:
             return None
         return await _shielded(self.store.get(self.store.key_for(adapter_id, source)))
+
+    def unload_adapter(self, key: AdapterKey) -> bool:
+        """Drop an adapter from the CPU tier now and from the device once no running request uses
+        it (requests already holding it finish normally); whether it was in the CPU tier."""
+        was_loaded = self.store.unload(key)
+        self.engine.call_soon(lambda: self.engine.scheduler.evict_idle(key))
+        return was_loaded
 
     def _release(self, request: Request) -> None:
         if not request.is_finished:
