@@ -26,10 +26,13 @@ PHASES = [Phase.explicit, Phase.generate] if os.environ.get("LORASERVE_FUZZ_COVE
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(loaded):
+def fuzz_server(loaded, tmp_path_factory):
+    home = tmp_path_factory.mktemp("fuzz-home")  # the control routes it fuzzes write repos and uploads here
+    os.symlink(loaded.model_dir.parent, home / "models", target_is_directory=True)
     env = {"HF_HUB_OFFLINE": "1", "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}",  # nothing listens there
            "AWS_ACCESS_KEY_ID": "fuzz", "AWS_SECRET_ACCESS_KEY": "fuzz", "AWS_DEFAULT_REGION": "us-east-1",
-           "LORASERVE_ADAPTER_DOWNLOAD_TIMEOUT_S": "5"}
+           "LORASERVE_ADAPTER_DOWNLOAD_TIMEOUT_S": "5", "LORASERVE_HOME": str(home),
+           "LORASERVE_ADAPTERS_DIR": str(home / "adapters")}
     proc = ServerProcess("--max-total-tokens", "40", "--max-input-length", "32", "--max-batch-size", "8",
                          "--max-concurrent-requests", "32", env=env)
     yield proc.wait_ready()

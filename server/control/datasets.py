@@ -58,7 +58,7 @@ class DatasetStore:
 
     def begin_upload(self, file_name: str, base_url: str) -> dict[str, Any]:
         name = Path(file_name.replace("\\", "/")).name
-        if not name or name in (".", "..") or len(name) > 255:
+        if not name or name in (".", "..") or len(name) > 255 or not name.isprintable():
             raise BadRequestError(f"invalid fileName {file_name!r}")
         self._forget_stale()
         token = uuid.uuid4().hex

@@ -29,16 +29,16 @@ def served_names(engine: AsyncEngine) -> set[str]:
     return {engine.loaded.name.lower(), engine.loaded.model_dir.name.lower()}
 
 
-def is_served_model(engine: AsyncEngine, base_model: Optional[str]) -> bool:
+def is_served_model(engine: AsyncEngine, base_model: object) -> bool:
     """Whether `base_model` names the model this server serves (its name, its directory's name, or
     either after a hub organisation: "HuggingFaceTB/SmolLM2-135M-Instruct")."""
-    if not base_model:
+    if not isinstance(base_model, str) or not base_model:
         return False
     names = served_names(engine)
     return base_model.lower() in names or base_model.lower().rsplit("/", 1)[-1] in names
 
 
-def check_served_model(engine: AsyncEngine, base_model: Optional[str]) -> None:
+def check_served_model(engine: AsyncEngine, base_model: object) -> None:
     if not is_served_model(engine, base_model):
         raise BadRequestError(f"this server serves {engine.loaded.name}; {base_model!r} is another model "
                               f"(run another loraserve with --model for it)")

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 from fastapi import APIRouter, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from safetensors.torch import save_file
@@ -37,6 +38,7 @@ CREATED_BY = "loraserve"
 UPLOAD_FILES = ("adapter_config.json", "adapter_model.bin", "adapter_model.safetensors")
 RUNNING = ("queued", "training")  # job statuses during which a version's directory is still to come
 UPLOAD_TTL_S = 3600.0
+Tag = PathParam(ge=1, lt=2**62)  # SQLite integers are 64-bit
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos (uuid TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, description TEXT,
@@ -366,23 +368,23 @@ async def delete_repo(ref: str, request: Request) -> dict:
 
 
 @router.get("/v2/repos/{repo}/version/{tag}")
-async def get_version(repo: str, tag: int, request: Request) -> dict:
+async def get_version(repo: str, request: Request, tag: int = Tag) -> dict:
     return store_of(request).version(repo, tag)
 
 
 @router.put("/v2/repos/{repo}/version/{tag}")
-async def update_version(repo: str, tag: int, body: ArchiveBody, request: Request) -> dict:
+async def update_version(repo: str, body: ArchiveBody, request: Request, tag: int = Tag) -> dict:
     return store_of(request).set_archived(repo, tag, body.archived)
 
 
 @router.delete("/v2/repos/{repo}/version/{tag}")
-async def delete_version(repo: str, tag: int, request: Request) -> dict:
+async def delete_version(repo: str, request: Request, tag: int = Tag) -> dict:
     unload(request, [store_of(request).delete_version(repo, tag)])
     return {"deleted": f"{repo}/{tag}"}
 
 
 @router.get("/v2/repos/{repo}/version/{tag}/download")
-async def download_version(repo: str, tag: int, request: Request) -> FileResponse:
+async def download_version(repo: str, request: Request, tag: int = Tag) -> FileResponse:
     version = store_of(request).version(repo, tag)
     if not version["adapterPath"]:
         raise NotFoundError(f"adapter {repo}/{tag} has no files yet (status {version['status']})")

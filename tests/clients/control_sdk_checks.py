@@ -105,7 +105,8 @@ def main() -> None:
     work = Path(workdir)
     report = {"warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)],
               "repos": repo_checks(pb), "datasets": dataset_checks(pb, work),
-              "adapters": adapter_checks(pb, url, adapter_dir, work), "deployments": deployment_checks(pb, foreign_base)}
+              "adapters": adapter_checks(pb, url, adapter_dir, work),
+              "deployments": deployment_checks(pb, foreign_base)}
     print("@@REPORT@@" + json.dumps(report))
 
 
