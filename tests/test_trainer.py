@@ -133,6 +133,7 @@ def test_resolve_params_defaults() -> None:
     ({"apply_chat_template": True}, "apply_chat_template", True),
     ({"lr_scheduler": {"type": "cosine"}}, "lr_scheduler", {"type": "cosine"}),
     ({"optimizer": {"type": "adamw_torch_fused"}}, "optimizer", {"type": "adamw_torch_fused"}),
+    ({"optimizer": {"type": "adamw", "betas": [0.9, 0.95]}}, "optimizer", {"type": "adamw", "betas": [0.9, 0.95]}),
     ({"epochs": None}, "epochs", 3),
 ])
 def test_resolve_params_overrides(given: dict, key: str, value) -> None:
@@ -159,6 +160,8 @@ def test_resolve_params_overrides(given: dict, key: str, value) -> None:
     ({"apply_chat_template": "yes"}, "apply_chat_template"),
     ({"lr_scheduler": {"type": "polynomial"}}, "lr_scheduler"),
     ({"optimizer": {"type": "sgd"}}, "optimizer"),
+    ({"optimizer": {"type": "adamw", "betas": [0.9]}}, "betas"),
+    ({"optimizer": {"type": "adamw", "weight_decay": -1}}, "weight_decay"),
 ])
 def test_resolve_params_refusals(given: dict, says: str) -> None:
     with pytest.raises(ValueError, match=says):

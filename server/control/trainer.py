@@ -126,8 +126,8 @@ def _int(params: dict, key: str, low: int, high: int) -> int:
 
 def _number(params: dict, key: str, low: float, high: float, low_open: bool = False, high_open: bool = False) -> float:
     value = params[key]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    ok = _is_number(value) and (value > low if low_open else value >= low)
+    ok = ok and (value < high if high_open else value <= high)
     if not ok:
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise ValueError(f"{key} must be a number in {interval}; got {value!r}")
@@ -155,10 +155,20 @@ def _schedule(value: Any) -> dict:
 
 
 def _optimizer(value: Any) -> dict:
-    kind = (value or {}).get("type", "adamw") if isinstance(value, dict) else value
+    options = value if isinstance(value, dict) else {}
+    kind = options.get("type", "adamw") if isinstance(value, dict) else value
     if not isinstance(kind, str) or "adamw" not in kind.lower():
         raise ValueError(f"optimizer type {kind!r} is not supported: this trainer runs AdamW (any adamw_* name)")
-    return {**(value if isinstance(value, dict) else {}), "type": kind}
+    betas = options.get("betas", (0.9, 0.999))
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"optimizer betas must be two numbers in [0, 1); got {betas!r}")
+    if not (_is_number(options.get("weight_decay", 0.0)) and options.get("weight_decay", 0.0) >= 0):
+        raise ValueError(f"optimizer weight_decay must be a number >= 0; got {options.get('weight_decay')!r}")
+    return {**options, "type": kind}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ---------------------------------------------------------------- rows to tokens
@@ -400,21 +410,26 @@ def train(spec: TrainSpec, emit: Emit) -> None:
         raise DatasetFileError("no training rows with anything to learn (every row is in the evaluation split, "
                                f"or its completion lies past {MAX_SEQ_LEN} tokens)")
     model = load_peft_model(spec, params, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    betas = tuple(params["optimizer"].get("betas", (0.9, 0.999)))
-    optimizer = torch.optim.AdamW(trainable, lr=params["learning_rate"], betas=betas,
-                                  weight_decay=float(params["optimizer"].get("weight_decay", 0.0)))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    run = Run(model, optimizer, plan_steps(len(train_rows), params), params, train_rows, eval_rows, pad_id, device)
+    run = Run(model, make_optimizer(model, params), plan_steps(len(train_rows), params), params, train_rows,
+              eval_rows, pad_id, device)
     log.info("job %s: %d train / %d evaluation rows, %d steps (%d per epoch), %d trainable parameters on %s",
              spec.job_id, len(train_rows), len(eval_rows), run.plan.total_steps, run.plan.steps_per_epoch,
-             sum(p.numel() for p in trainable), device)
+             sum(p.numel() for p in model.parameters() if p.requires_grad), device)
     emit({"event": "started", "total_steps": run.plan.total_steps, "steps_per_epoch": run.plan.steps_per_epoch,
           "train_rows": len(train_rows), "evaluation_rows": len(eval_rows)})
     train_loop(run, spec.seed, emit)
     used_template = params["apply_chat_template"] or any(e.messages is not None for e in examples)
     save_adapter(model, tokenizer, spec, used_template)
     emit({"event": "done", "adapter_dir": spec.output_dir})
+
+
+def make_optimizer(model: Any, params: dict) -> torch.optim.Optimizer:
+    """torch AdamW on the LoRA weights; betas and weight_decay from the SDK's optimizer dict when given."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    options = params["optimizer"]
+    return torch.optim.AdamW(trainable, lr=params["learning_rate"], betas=tuple(options.get("betas", (0.9, 0.999))),
+                             weight_decay=options.get("weight_decay", 0.0))
 
 
 def train_loop(run: Run, seed: int, emit: Emit) -> None:
@@ -483,6 +498,7 @@ def error_message(exc: BaseException) -> str:
 
 
 def main(argv: list[str]) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the thread budget is spec.threads
     # The event stream owns the real stdout; anything else printed (a library's print) goes to stderr.
     events = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
