@@ -103,7 +103,8 @@ class PbaseSource(AdapterSource):
     def list_known(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(f"{repo.name}/{v.name}" for repo in self.root.iterdir() if repo.is_dir()
+        repos = [r for r in self.root.iterdir() if r.is_dir() and _NAME.match(r.name)]  # not .staging/
+        return sorted(f"{repo.name}/{v.name}" for repo in repos
                       for v in repo.iterdir() if v.is_dir() and (v / "adapter_config.json").is_file())
 
 

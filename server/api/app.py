@@ -27,7 +27,7 @@ from server.api.errors import error_body, install_error_handlers, is_openai
 from server.api.schemas import Info
 from server.config import Settings
 from server.control.presigned import is_blob_path
-from server.control.routes import build_control_plane, include_control_routers
+from server.control.routes import build_control_plane, include_control_routers, start_control_runners
 from server.engine.async_engine import AsyncEngine
 from server.engine.builder import StartPhase, StartProgress
 from server.errors import ExitCode, StartupError, one_line
@@ -302,8 +302,10 @@ def create_app(settings: Settings, factory: EngineFactory,
         app.state.control = build_control_plane(settings, loraserve_home())
         threading.Thread(target=holder.load, args=(app,), name="model-loader", daemon=True).start()
         watchdog = asyncio.create_task(exit_when_engine_dies(holder))
+        runners = start_control_runners(app)
         yield
         watchdog.cancel()
+        await runners.stop()
         if holder.engine is not None:
             holder.engine.engine.stop()
             holder.engine.store.shutdown()
