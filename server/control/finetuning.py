@@ -64,6 +64,7 @@ async def create_job(body: CreateJob, request: Request) -> dict:
     continue_dir = _continue_from(control, body.continueFromVersion)
     params = _checked_params(body.params, engine.loaded.name, continue_dir)
     check_served_model(engine, params["base_model"])
+    control.repos.find(body.repo)  # 404: fine-tunes go into a repo made first (pb.repos.create), as hosted
     path, file_name, summary = control.datasets.dataset_file(body.dataset)
     if summary.kind is DatasetKind.BATCH:
         raise BadRequestError(f"dataset {body.dataset!r} holds batch-inference rows, not training rows")

@@ -311,6 +311,8 @@ class TrainingRunner:
         job = self.jobs.get(job_uuid)
         if job is not None and job.status is JobStatus.CANCELED:
             return "canceled by the user"
+        if self._stop.is_set():
+            return "the server stopped while this job was training; create it again"
         if returncode == 0 and result.get("event") == "done":
             return None
         if result.get("event") == "error":
