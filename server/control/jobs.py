@@ -217,8 +217,9 @@ class TrainingRunner:
     POLL_S = 0.5
     KILL_GRACE_S = 10.0
 
-    def __init__(self, jobs: FinetuneJobs, setup: Callable[[], Optional[TrainerSetup]]) -> None:
-        self.jobs, self.setup = jobs, setup
+    def __init__(self, jobs: FinetuneJobs, setup: Callable[[], Optional[TrainerSetup]],
+                 share_cpu: Callable[[bool], None] = lambda training: None) -> None:
+        self.jobs, self.setup, self.share_cpu = jobs, setup, share_cpu  # share_cpu(True) while a CPU job trains
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="finetune-runner", daemon=True)
 
@@ -250,7 +251,13 @@ class TrainingRunner:
         spec = self._spec(job, setup, staging)
         log.info("fine-tune job %s training %s/%d on %s (%d threads)", job.uuid, job.repo, job.tag, setup.device,
                  setup.threads)
-        outcome = self._train(job.uuid, spec)
+        if setup.device == "cpu":
+            self.share_cpu(True)
+        try:
+            outcome = self._train(job.uuid, spec)
+        finally:
+            if setup.device == "cpu":
+                self.share_cpu(False)
         if outcome is None:
             self._publish(job, staging)
         else:

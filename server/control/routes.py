@@ -61,9 +61,15 @@ def start_control_runners(app: FastAPI) -> ControlRunners:
         engine = app.state.engine
         return engine.loaded.name if engine is not None else None
 
+    def share_cpu(training: bool) -> None:
+        """While a CPU job trains, serving keeps the cores the trainer doesn't use."""
+        engine = app.state.engine
+        if engine is not None and engine.loaded.device.type == "cpu":
+            engine.reserve_cpu_threads(settings.control.training_threads if training else 0)
+
     concurrency = max(1, settings.limits.max_batch_size // 2)  # the other half stays for interactive traffic
     keys = settings.http.api_keys
-    runners = ControlRunners(TrainingRunner(plane.jobs, trainer_setup),
+    runners = ControlRunners(TrainingRunner(plane.jobs, trainer_setup, share_cpu),
                              BatchRunner(plane.batches, app, concurrency, keys[0] if keys else None, base_model))
     runners.training.start()
     runners.batch.start()
