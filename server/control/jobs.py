@@ -226,9 +226,12 @@ class TrainingRunner:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = KILL_GRACE_S + 5) -> None:
+        """Blocks until a running job's process is gone (and its job marked), or `timeout_s`."""
         self._stop.set()
         self.jobs.wakeup.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
 
     def _loop(self) -> None:
         while not self._stop.is_set():

@@ -3,6 +3,7 @@ control router into the app, and starts (and stops) the fine-tuning and batch ru
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -40,7 +41,7 @@ class ControlRunners:
     batch: BatchRunner
 
     async def stop(self) -> None:
-        self.training.stop()
+        await asyncio.to_thread(self.training.stop)
         await self.batch.stop()
 
 

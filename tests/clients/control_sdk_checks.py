@@ -14,13 +14,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
-
-def error_of(call) -> dict:
-    try:
-        call()
-    except Exception as exc:  # the SDK's own exception classes are what we record
-        return {"class": type(exc).__name__, "message": str(exc)}
-    return {"class": None, "message": ""}
+from recording import error_of
 
 
 def repo_checks(pb) -> dict:

@@ -16,16 +16,9 @@ from pathlib import Path
 import pandas as pd
 from predibase import Predibase, SFTConfig
 from predibase.beta.config import BatchInferenceServerConfig
+from recording import error_of
 
 REPO = "records"
-
-
-def error_of(call) -> dict:
-    try:
-        call()
-    except Exception as exc:  # the SDK's own exception classes are what we record
-        return {"class": type(exc).__name__, "message": str(exc)}
-    return {"class": None, "message": ""}
 
 
 def wait_for(get, done, timeout: float = 300.0, period: float = 0.5):

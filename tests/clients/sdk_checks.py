@@ -14,6 +14,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from lorax import Client
+from recording import error_of
 
 
 def details(response) -> dict:
@@ -23,14 +24,6 @@ def details(response) -> dict:
             "token_ids": [t.id for t in d.tokens], "prefill": [[t.id, t.logprob] for t in d.prefill],
             "alternatives": [[a.id for a in (t.alternative_tokens or [])] for t in d.tokens],
             "best_of": len(d.best_of_sequences or [])}
-
-
-def error_of(call) -> dict:
-    try:
-        call()
-    except Exception as exc:  # the SDK's own exception classes are what we record
-        return {"class": type(exc).__name__, "message": str(exc)}
-    return {"class": None, "message": ""}
 
 
 def stream(client: Client, prompt: str, **kw) -> dict:
