@@ -201,7 +201,8 @@ def test_a_batch_can_be_canceled(setup):
 
 
 def test_a_restart_errors_the_job_it_cut_short(setup):
-    """Last: it restarts the module's server. A job training when the server stops can't resume."""
+    """It restarts the module's server (the tests after it use the new one). A job training when the
+    server stops can't resume."""
     api = setup["api"]
     job = create_job(api, "restart", epochs=50).json()
     wait_job(api, job["uuid"], ("training",))
@@ -214,3 +215,34 @@ def test_a_restart_errors_the_job_it_cut_short(setup):
     assert not (setup["adapters"] / "restart" / str(job["targetVersionTag"])).exists()
     messages, code = stream(setup["server"].url, job["uuid"], AUTH)
     assert code == 1000 and messages[-1]["meta"]["is_completed"] is True
+
+
+def test_the_openai_sdk_batch_api(setup, tmp_path):
+    """openai's files.create -> batches.create -> retrieve -> files.content, on the same runner."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=setup["server"].url + "/v1", api_key=KEY)
+    body = {"model": "known/1", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 6,
+            "temperature": 0}
+    rows = [{"custom_id": "adapter", "method": "POST", "url": "/v1/chat/completions", "body": body},
+            {"custom_id": "missing", "method": "POST", "url": "/v1/chat/completions",
+             "body": {**body, "model": "nope/1"}}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    uploaded = client.files.create(file=(tmp_path / "rows.jsonl").open("rb"), purpose="batch")
+    assert uploaded.bytes == (tmp_path / "rows.jsonl").stat().st_size
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    deadline = time.monotonic() + 120
+    while batch.status not in ("completed", "failed", "cancelled"):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed" and batch.request_counts.total == 2 and batch.request_counts.failed == 1
+    results = {r["custom_id"]: r for r in map(json.loads, client.files.content(batch.output_file_id).text.splitlines())}
+    live = client.chat.completions.create(**body)
+    assert results["adapter"]["response"]["body"]["choices"][0]["message"]["content"] == live.choices[0].message.content
+    assert results["missing"]["response"]["status_code"] == 404
+    assert batch.id in [b.id for b in client.batches.list()]
+    wrong = setup["api"].post("/v1/batches", json={"input_file_id": uploaded.id, "endpoint": "/v1/completions",
+                                                   "completion_window": "24h"})
+    assert wrong.status_code == 400 and "endpoint" in wrong.json()["error"]["message"]

@@ -26,8 +26,8 @@ from server.api import admin, native, openai, ui
 from server.api.errors import error_body, install_error_handlers, is_openai
 from server.api.schemas import Info
 from server.config import Settings
+from server.control import routes as control
 from server.control.presigned import is_blob_path
-from server.control.routes import build_control_plane, include_control_routers, start_control_runners
 from server.engine.async_engine import AsyncEngine
 from server.engine.builder import StartPhase, StartProgress
 from server.errors import ExitCode, StartupError, one_line
@@ -89,8 +89,9 @@ class BodySizeLimit:
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH") or is_blob_path(scope["path"]):
-            return await self.app(scope, receive, send)  # a pre-signed upload streams under its own cap
+        if (scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH")
+                or control.streams_own_body(scope["path"])):
+            return await self.app(scope, receive, send)  # an upload streams to disk under its own cap
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             return await self._too_large(scope, receive, send)
@@ -299,10 +300,10 @@ def create_app(settings: Settings, factory: EngineFactory,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.engine = None
-        app.state.control = build_control_plane(settings, loraserve_home())
+        app.state.control = control.build_control_plane(settings, loraserve_home())
         threading.Thread(target=holder.load, args=(app,), name="model-loader", daemon=True).start()
         watchdog = asyncio.create_task(exit_when_engine_dies(holder))
-        runners = start_control_runners(app)
+        runners = control.start_control_runners(app)
         yield
         watchdog.cancel()
         await runners.stop()
@@ -321,7 +322,7 @@ def create_app(settings: Settings, factory: EngineFactory,
     install_error_handlers(app)
     app.include_router(native.router)
     app.include_router(admin.router)
-    include_control_routers(app)
+    control.include_control_routers(app)
     app.include_router(openai.router)
     app.include_router(ui.router)
 

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS batch_jobs (
     result_path TEXT,
     rows_total INTEGER NOT NULL DEFAULT 0,
     rows_done INTEGER NOT NULL DEFAULT 0,
+    rows_failed INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL
 );
 """
@@ -65,18 +66,20 @@ class BatchJob:
     result_path: Optional[str]
     rows_total: int
     rows_done: int
+    rows_failed: int  # of rows_done: answered with an error status, or not run at all
+    created_at: float
 
     @classmethod
     def from_row(cls, row: dict) -> "BatchJob":
         return cls(row["uuid"], row["dataset"], row["dataset_path"], row["dataset_file_name"],
                    json.loads(row["original_request"]), BatchStatus(row["status"]), row["error"], row["result_path"],
-                   row["rows_total"], row["rows_done"])
+                   row["rows_total"], row["rows_done"], row["rows_failed"], row["created_at"])
 
     def to_api(self) -> dict:
         """The SDK's BatchInferenceJob, plus row counts."""
         return {"uuid": self.uuid, "originalRequest": self.original_request, "status": self.status.value,
                 "error": self.error, "resultPath": self.result_path, "dataset": self.dataset,
-                "rowsTotal": self.rows_total, "rowsCompleted": self.rows_done}
+                "rowsTotal": self.rows_total, "rowsCompleted": self.rows_done, "rowsFailed": self.rows_failed}
 
 
 class BatchJobs:
@@ -125,8 +128,9 @@ class BatchJobs:
     def start(self, job_uuid: str, result_path: Path) -> bool:
         return self._set(job_uuid, BatchStatus.RUNNING, result_path=str(result_path))
 
-    def count_done(self, job_uuid: str) -> None:
-        self.db.execute("UPDATE batch_jobs SET rows_done = rows_done + 1 WHERE uuid = ?", (job_uuid,))
+    def count_done(self, job_uuid: str, failed: bool) -> None:
+        self.db.execute("UPDATE batch_jobs SET rows_done = rows_done + 1, rows_failed = rows_failed + ? "
+                        "WHERE uuid = ?", (int(failed), job_uuid))
 
     def finish(self, job_uuid: str, error: Optional[str] = None) -> bool:
         status = BatchStatus.ERRORED if error else BatchStatus.COMPLETED
@@ -229,7 +233,8 @@ class BatchRunner:
                               "error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}}
                 out.write(json.dumps(result) + "\n")
                 out.flush()
-                self.jobs.count_done(job_uuid)
+                self.jobs.count_done(job_uuid, failed=result["error"] is not None
+                                     or result["response"]["status_code"] >= 400)
 
         tasks = [asyncio.create_task(one(row)) for row in rows]
         watcher = asyncio.create_task(self._cancel_when_asked(job_uuid, tasks))

@@ -42,6 +42,7 @@ class ControlPlane:
         self.blobs = BlobRegistry(settings.control.max_upload_mb * 2**20)
         self.jobs: Optional[JobsView] = None
         self.batches: Any = None
+        self.openai_files: Any = None
         self.repos: RepoStore
         self.datasets: DatasetStore
         self.deployments: AliasStore

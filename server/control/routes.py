@@ -11,13 +11,13 @@ from typing import Optional
 from fastapi import APIRouter, FastAPI
 
 from server.config import Settings
-from server.control import batch_inference, datasets, deployments, finetuning, presigned, repos
+from server.control import batch_inference, datasets, deployments, finetuning, openai_batch, presigned, repos
 from server.control.batch import BatchJobs, BatchRunner
 from server.control.jobs import FinetuneJobs, TrainerSetup, TrainingRunner
 from server.control.plane import ControlPlane
 
 ROUTERS: list[APIRouter] = [presigned.router, repos.router, datasets.router, deployments.router, finetuning.router,
-                            batch_inference.router]
+                            batch_inference.router, openai_batch.router]
 
 
 def build_control_plane(settings: Settings, home: Path) -> ControlPlane:
@@ -27,7 +27,13 @@ def build_control_plane(settings: Settings, home: Path) -> ControlPlane:
     plane.deployments = deployments.AliasStore(plane)
     plane.jobs = FinetuneJobs(plane.db, plane.repos, plane.staging_dir, plane.root / "jobs")
     plane.batches = BatchJobs(plane.db, plane.root / "batch")
+    plane.openai_files = openai_batch.OpenAIFiles(plane.db, plane.root / "files", plane.batches)
     return plane
+
+
+def streams_own_body(path: str) -> bool:
+    """Uploads that stream to disk under `max_upload_mb` instead of the small-body limit."""
+    return presigned.is_blob_path(path) or path == "/v1/files"
 
 
 def include_control_routers(app: FastAPI) -> None:
