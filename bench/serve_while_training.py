@@ -44,6 +44,7 @@ def start_fine_tune(url: str, rows: int, epochs: int) -> str:
         httpx.put(begin["presignedUrl"], content=training_rows(rows).encode()).raise_for_status()
         registered = client.put("/v2/datasets/upload", json={"name": "bench", "uploadToken": begin["uploadToken"]})
         registered.raise_for_status()
+        client.post("/v2/repos", json={"name": "bench", "existsOk": True}).raise_for_status()
         params = {"base_model": DEFAULT_MODEL_NAME, "epochs": epochs, "rank": 8, "effective_batch_size": 8,
                   "learning_rate": 0.001}
         job = client.post("/v2/finetuning/jobs", json={"params": params, "dataset": "bench", "repo": "bench"})
@@ -64,8 +65,8 @@ def wait_status(url: str, job: str, wanted: set[str], timeout: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--training-threads", type=int, default=1)
     parser.add_argument("--rows", type=int, default=400, help="training rows (enough to outlast the measurement)")
     parser.add_argument("--epochs", type=int, default=3)
