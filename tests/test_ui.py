@@ -286,8 +286,6 @@ def test_the_adapters_view_loads_and_unloads(page, open_server, shots):
     assert tiers("demo-terse/1") == ["disk"]
     row.locator("button", has_text="Open in playground").click()
     expect(page.locator("#model-a")).to_have_value("demo-terse/1")
-    page.click("nav button[data-view=jobs]")
-    assert "#16" in page.text_content("#view-jobs")  # a marked place, no made-up jobs
 
 
 def test_with_keys_the_page_asks_for_one_and_sends_it(new_page, keyed_server, shots):
@@ -314,3 +312,65 @@ def test_with_keys_the_page_asks_for_one_and_sends_it(new_page, keyed_server, sh
     expect(page.locator("#model-a option")).to_have_count(MODEL_OPTIONS)
     expect(page.locator("#key-dialog")).to_be_hidden()
 
+
+
+# -- the fine-tuning jobs view ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def jobs_server(loaded, tmp_path_factory) -> Iterator[ServerProcess]:
+    """Its own home and adapters folder: the jobs here write versions."""
+    work = tmp_path_factory.mktemp("ui-jobs")
+    (work / "home").mkdir()
+    (work / "adapters").mkdir()
+    os.symlink(loaded.model_dir.parent, work / "home" / "models", target_is_directory=True)
+    env = {"LORASERVE_HOME": str(work / "home"), "LORASERVE_ADAPTERS_DIR": str(work / "adapters"),
+           "LORASERVE_TRAINING_THREADS": "1"}
+    server = ServerProcess("--max-batch-size", "4", env=env).wait_ready()
+    yield server
+    server.stop()
+
+
+def start_job(url: str, **params) -> dict:
+    """A dataset through the SDK's pre-signed upload, a repo, then a job: the calls the SDK makes."""
+    api = httpx.Client(base_url=url, timeout=60)
+    if api.get("/v1/datasets/name/colours").status_code == 404:
+        rows = "".join(json.dumps({"prompt": f"Colour {i}:", "completion": f" {['red', 'blue'][i % 2]}",
+                                   "split": "evaluation" if i % 4 == 3 else "train"}) + "\n" for i in range(16))
+        begun = api.post("/v2/datasets/upload", json={"fileName": "colours.jsonl", "mimeType": "text/plain"}).json()
+        httpx.put(begun["presignedUrl"], content=rows.encode()).raise_for_status()
+        api.put("/v2/datasets/upload", json={"name": "colours", "uploadToken": begun["uploadToken"]}).raise_for_status()
+        api.post("/v2/repos", json={"name": "ui-jobs", "existsOk": True}).raise_for_status()
+    job = api.post("/v2/finetuning/jobs", json={"params": {"rank": 4, "effective_batch_size": 4, **params},
+                                                "dataset": "colours", "repo": "ui-jobs"})
+    assert job.status_code == 200, job.text
+    return job.json()
+
+
+def test_the_jobs_view_follows_a_fine_tune(new_page, jobs_server, shots):
+    page = new_page(jobs_server.url)
+    page.click("nav button[data-view=jobs]")
+    expect(page.locator("#jobs-empty")).to_be_visible()
+    start_job(jobs_server.url, train_steps=6)
+    row = page.locator("tr[data-job='ui-jobs/1']")
+    expect(row).to_have_attribute("data-status", "completed", timeout=SLOW)
+    expect(row).to_contain_text("6/6 steps")
+    row.click()
+    expect(page.locator("#job-detail")).to_be_visible()
+    expect(page.locator("#loss-legend")).to_contain_text("over 6 steps")
+    expect(page.locator("#loss-legend")).to_contain_text("validation loss")
+    assert len(page.get_attribute("#loss-train", "points").split()) == 6  # one point per step
+    history = httpx.get(f"{jobs_server.url}/v2/finetuning/jobs", timeout=30).json()["data"]["jobs"][0]
+    assert history["progress"]["loss"] == pytest.approx(float(row.locator("td").nth(4).text_content()), abs=1e-4)
+    shot(page, shots, "jobs")
+    row.locator("button", has_text="Open in playground").click()
+    expect(page.locator("#model-a")).to_have_value("ui-jobs/1")
+
+
+def test_a_job_can_be_canceled_from_the_jobs_view(new_page, jobs_server):
+    job = start_job(jobs_server.url, epochs=50)
+    page = new_page(jobs_server.url)
+    page.click("nav button[data-view=jobs]")
+    row = page.locator(f"tr[data-job='ui-jobs/{job['targetVersionTag']}']")
+    row.locator("button", has_text="Cancel").click()
+    expect(row).to_have_attribute("data-status", "canceled", timeout=SLOW)
+    status = httpx.get(f"{jobs_server.url}/v2/finetuning/jobs/{job['uuid']}", timeout=30).json()["status"]
+    assert status == "canceled"

@@ -98,6 +98,15 @@ def _continue_from(control: ControlPlane, version: Optional[str]) -> Optional[Pa
     return folder.resolve()
 
 
+@router.get("/v2/finetuning/jobs")
+async def list_jobs(request: Request, limit: int = 20) -> dict:
+    """Not an SDK call (it has none): the newest jobs with their progress, for the web playground."""
+    jobs, accelerator = _jobs(request), _accelerator(request)
+    listed = [{**job.to_api(accelerator), "progress": jobs.feed.progress(job.uuid), "timeline": job.timeline}
+              for job in jobs.recent(max(1, min(limit, 200)))]
+    return {"data": {"jobs": listed}}
+
+
 @router.get("/v2/finetuning/jobs/{job_uuid}")
 async def get_job(job_uuid: str, request: Request) -> dict:
     return _job(request, job_uuid).to_api(_accelerator(request))
@@ -122,6 +131,14 @@ async def update_config(job_uuid: str, request: Request) -> dict:
     job = _job(request, job_uuid)
     raise BadRequestError(f"a job's configuration can't be changed once created (job {job.uuid} is "
                           f"{job.status.value}); cancel it and create another")
+
+
+@router.get("/v2/finetuning/jobs/{job_uuid}/metrics")
+async def metrics_history(job_uuid: str, request: Request) -> dict:
+    """The WebSocket's messages so far, over plain HTTP (a browser can't put a key on a WebSocket)."""
+    _job(request, job_uuid)
+    messages, closed = _jobs(request).feed.since(job_uuid, 0)
+    return {"messages": messages, "completed": closed}
 
 
 @router.get("/v2/finetuning/jobs/{job_uuid}/tensorboard_logs")

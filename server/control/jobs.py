@@ -162,6 +162,10 @@ class FinetuneJobs:
         rows = self.db.all(f"SELECT * FROM finetune_jobs WHERE {condition} ORDER BY created_at", args)
         return [FinetuneJob.from_row(row) for row in rows]
 
+    def recent(self, limit: int) -> list[FinetuneJob]:
+        rows = self.db.all("SELECT * FROM finetune_jobs ORDER BY created_at DESC LIMIT ?", (limit,))
+        return [FinetuneJob.from_row(row) for row in rows]
+
     def next_queued(self) -> Optional[FinetuneJob]:
         rows = self._where("status = ?", (JobStatus.QUEUED.value,))
         return rows[0] if rows else None

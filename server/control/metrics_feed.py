@@ -80,6 +80,14 @@ class MetricsFeed:
             feed = self._feed(job_uuid)
             return feed.messages[start:], feed.closed
 
+    def progress(self, job_uuid: str) -> dict:
+        """Where a job stands, for listings: steps done of the total, and the last training loss."""
+        with self._lock:
+            feed = self._feed(job_uuid)
+            losses = [m["data"]["train_metrics_loss"] for m in feed.messages  # per-step ones, not checkpoints' means
+                      if m["data"].get("checkpoint_number") == 0 and m["data"].get("train_metrics_loss") is not None]
+            return {"steps": feed.step, "totalSteps": feed.total_steps, "loss": losses[-1] if losses else None}
+
     def _append(self, job_uuid: str, feed: JobFeed, message: dict) -> None:
         feed.messages.append(message)
         path = self.work_dir / job_uuid / "metrics.jsonl"
