@@ -36,7 +36,7 @@ from tests.test_openai_api import oa  # noqa: E402,F401
 del test_second_start_reuses_the_converted_model  # noqa: F821 (a second single server: nothing of Ray's)
 
 pytestmark = pytest.mark.timeout(300)
-A, B = f"{SPECS[0].name}/1", f"{SPECS[1].name}/1"
+A, B, C = f"{SPECS[0].name}/1", f"{SPECS[1].name}/1", f"{SPECS[2].name}/1"  # C: only the fault test
 REPLICA = "x-loraserve-replica"
 REPLICAS = 2
 MAX_BATCH = 8
@@ -154,6 +154,20 @@ def test_deployment_reports_live_replicas_and_each_replicas_metrics(ray_server):
     assert httpx.get(ray_server.url + "/replicas/nope/metrics", timeout=30).status_code == 404
 
 
+def test_the_gateway_refuses_oversized_bodies_and_overload_in_loraserves_shapes(ray_server):
+    url = ray_server.url
+    big = httpx.post(url + "/generate", content=b"x" * (4 * 2**20 + 1), timeout=60,
+                     headers={"content-type": "application/json"})
+    assert big.status_code == 413 and big.json()["error_type"] == "payload_too_large"
+    assert REPLICA not in big.headers  # answered at the gateway
+    # 2 replicas x 8 running + 16 queued (max_queued_requests = --max-concurrent-requests): the rest get 429
+    with ThreadPoolExecutor(48) as pool:
+        responses = list(pool.map(lambda _: generate(url, tokens=24, ignore_eos_token=True), range(48)))
+    refused = [r for r in responses if r.status_code == 429]
+    assert refused and all(r.json()["error_type"] == "overloaded" for r in refused)
+    assert all(r.status_code in (200, 429) for r in responses)
+
+
 # -- cancellation -----------------------------------------------------------------------------------
 def running(url: str) -> float:
     total = 0.0
@@ -186,14 +200,14 @@ def test_sigkill_of_the_replica_holding_an_adapter(ray_server):
     """Unary requests in flight are answered by the other replica; a started stream ends with the
     `unavailable` error event; the adapter is served again within 2 s; the replica count comes back."""
     url = ray_server.url
-    holder = generate(url, A).headers[REPLICA]
+    holder = generate(url, C).headers[REPLICA]
     pid = next(r["pid"] for r in ray_server.replicas() if r["id"] == holder)
     stream_events: list[dict] = []
     streaming = threading.Event()
 
     def stream() -> None:
         body = {"inputs": "Tell me a long story.", "parameters": {"max_new_tokens": 400, "ignore_eos_token": True,
-                                                                   "adapter_id": A}}
+                                                                   "adapter_id": C}}
         with httpx.stream("POST", url + "/generate_stream", json=body, timeout=120) as r:
             assert r.headers[REPLICA] == holder
             for line in r.iter_lines():
@@ -208,7 +222,7 @@ def test_sigkill_of_the_replica_holding_an_adapter(ray_server):
         time.sleep(0.5)  # the unary requests reach the replica
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        back = wait_until(lambda: generate(url, A, tokens=1).status_code == 200, timeout=2, period=0.05)
+        back = wait_until(lambda: generate(url, C, tokens=1).status_code == 200, timeout=2, period=0.05)
         responses = [f.result(timeout=120) for f in unary]
         streamed.result(timeout=120)
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]

@@ -97,3 +97,23 @@ def test_serve_ray_flags_become_the_engine_deployments_options():
                 flags(min_replicas=0, max_replicas=0)):
         with pytest.raises(ConfigError):
             engine_options(bad, settings)
+
+
+def test_the_serve_config_file_is_valid_and_builds_the_application(tmp_path):
+    """configs/ray-serve.yaml passes Serve's own schema (what `serve deploy` and KubeRay check) and its
+    import_path builds the application from its args, without a cluster."""
+    pytest.importorskip("ray.serve")
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from server.scaleout.app import build_app
+    from tests.conftest import ROOT
+
+    config = yaml.safe_load((ROOT / "configs" / "ray-serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(config)
+    application = schema.applications[0]
+    assert application.import_path == "server.scaleout.app:build_app"
+    assert {d.name for d in application.deployments} == {"EngineReplica", "Gateway"}
+    app = build_app({**application.args, "adapters_dir": str(tmp_path)})
+    assert type(app).__name__ == "Application"

@@ -64,11 +64,10 @@ def _error(path: str, status: int, error_type: str, message: str) -> JSONRespons
     return JSONResponse(error_body(path, status, error_type, message), status_code=status)
 
 
-def with_limits(http: HttpConfig) -> None:
-    """Auth and body limits at the door, the same layers (and answers) as a single server's."""
-    api.add_middleware(BodySizeLimit, max_bytes=http.max_request_bytes)
-    if http.api_keys:
-        api.add_middleware(BearerAuth, keys=http.api_keys)
+def with_limits(app, http: HttpConfig):
+    """Auth and body limits at the door: the same layers (and answers) as a single server's."""
+    app = BodySizeLimit(app, max_bytes=http.max_request_bytes)
+    return BearerAuth(app, keys=http.api_keys) if http.api_keys else app
 
 
 # Serve pickles the class when it is decorated: everything it calls must be defined above it.
@@ -76,11 +75,15 @@ def with_limits(http: HttpConfig) -> None:
 @serve.ingress(api)
 class Gateway:
     def __init__(self, engine: DeploymentHandle, http: HttpConfig) -> None:
-        self.engine = engine
-        with_limits(http)
+        self.engine, self.http = engine, http
         self.base_names: Optional[set[str]] = None
         context = serve.get_replica_context()
         self.app_name, self.engine_name = context.app_name, "EngineReplica"
+
+    def _set_asgi_app(self, app) -> None:
+        """Serve's hook that installs the ingress app (ray/serve/_private/http_util.py), called after
+        __init__ with its own frozen copy of `api`: our auth and body-limit layers go around that copy."""
+        super()._set_asgi_app(with_limits(app, self.http))
 
     # -- routes -----------------------------------------------------------------------------------
     @api.get("/v2/deployments")
