@@ -5,7 +5,7 @@
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    LORASERVE_HOME=/home/loraserve/.cache/loraserve LORASERVE_CONFIG=/app/configs/default.yaml \
+    LORASERVE_HOME=/home/loraserve/.cache/loraserve \
     TOKENIZERS_PARALLELISM=false
 RUN apt-get update \
  && apt-get install -y --no-install-recommends software-properties-common curl \

@@ -26,6 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve the HTTP API", epilog=(
         "exit codes: 0 stopped by SIGTERM/SIGINT; 2 invalid configuration; 3 the engine loop died; 4 cannot "
         "start (the reason is the last line on stderr); 5 unexpected error while starting (a bug)"))
+    add_serve_flags(serve)
+    serve_ray = sub.add_parser("serve-ray", help="serve the HTTP API as replicas on Ray Serve (loraserve[ray])",
+                               epilog="docs/scale-out.md: routing, multi-node commands, what changes")
+    add_serve_flags(serve_ray)
+    add_ray_flags(serve_ray)
+    return parser
+
+
+def add_serve_flags(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--config", help="YAML config (default: configs/default.yaml)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
@@ -52,12 +61,34 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", type=str.lower, choices=_LOG_LEVELS,
                        default=os.environ.get("LORASERVE_LOG_LEVEL", "info").lower())
     serve.add_argument("--log-format", choices=_LOG_FORMATS, default=os.environ.get("LORASERVE_LOG_FORMAT", "text"))
-    return parser
+
+
+RAY_FLAGS = ("replicas", "min_replicas", "max_replicas", "num_cpus_per_replica", "num_gpus_per_replica",
+             "max_ongoing_requests", "max_queued_requests", "address", "num_cpus", "metrics_export_port")
+
+
+def add_ray_flags(parser: argparse.ArgumentParser) -> None:
+    ray = parser.add_argument_group("Ray Serve")
+    ray.add_argument("--replicas", type=int, default=1, help="engine replicas (a fixed count)")
+    ray.add_argument("--min-replicas", type=int, help="autoscaling: fewest replicas (with --max-replicas)")
+    ray.add_argument("--max-replicas", type=int, help="autoscaling: most replicas")
+    ray.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="Ray CPUs each replica reserves")
+    ray.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="Ray GPUs each replica reserves")
+    ray.add_argument("--max-ongoing-requests", type=int,
+                     help="requests one replica runs at once (default: --max-batch-size); beyond it an adapter's "
+                          "requests spill to another replica")
+    ray.add_argument("--max-queued-requests", type=int,
+                     help="requests waiting for a replica before 429 (default: --max-concurrent-requests)")
+    ray.add_argument("--address", help="join this Ray cluster (e.g. ray://head:10001 or auto), deploy, and exit; "
+                                       "without it a local cluster runs until SIGTERM/Ctrl-C")
+    ray.add_argument("--num-cpus", type=int, help="local cluster: CPUs Ray may schedule on (default: all)")
+    ray.add_argument("--metrics-export-port", type=int, help="local cluster: Ray's Prometheus port (Serve metrics)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config", "log_level", "log_format")}
+    skipped = ("command", "config", "log_level", "log_format", *RAY_FLAGS)
+    overrides = {k: v for k, v in vars(args).items() if k not in skipped}
     if overrides.get("api_keys"):
         overrides["api_keys"] = tuple(overrides["api_keys"])
     try:
@@ -68,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.INVALID_CONFIG
     configure_logging(args.log_level, args.log_format)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command == "serve-ray":
+        return serve_ray(args, settings)
     try:  # what can be checked in seconds comes before the slow part, the cheapest first
         sock = bind_socket(settings.http.host, settings.http.port)
     except StartupError as exc:
@@ -78,6 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         sock.close()
         return report_start_failure(exc)
     return serve(settings, sock, args.log_level)
+
+
+def serve_ray(args: argparse.Namespace, settings: Settings) -> int:
+    try:
+        from server.scaleout.cli import run_serve_ray
+    except ImportError as exc:
+        print(f"loraserve: serve-ray needs Ray Serve ({exc}): pip install 'loraserve[ray]'", file=sys.stderr)
+        return ExitCode.CANNOT_START
+    return run_serve_ray(args, settings)
 
 
 def check_logging_choices(level: str, fmt: str) -> None:

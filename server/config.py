@@ -13,7 +13,9 @@ from typing import Any, Mapping
 
 import yaml
 
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+# configs/default.yaml is the file to read and edit; server/configs/default.yaml links to it so that
+# it ships inside the package (a wheel copies the file), found the same way installed or not.
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "configs" / "default.yaml"
 ENV_PREFIX = "LORASERVE_"
 
 

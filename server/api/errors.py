@@ -14,16 +14,13 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.adapters.weights import AdapterNotFoundError
+from server.api.error_bodies import error_body, is_openai  # noqa: F401 (re-exported)
 from server.errors import ServingError, ValidationError
 
 log = logging.getLogger(__name__)
 
 _HTTP_ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                      413: "payload_too_large", 415: "unsupported_media_type"}
-
-
-def is_openai(path: str) -> bool:
-    return "/v1/" in path or path.endswith("/v1")
 
 
 def openai_error(exc: ServingError) -> tuple[int, str, str | int]:
@@ -34,12 +31,6 @@ def openai_error(exc: ServingError) -> tuple[int, str, str | int]:
     if isinstance(exc, ValidationError):
         return 400, "invalid_request_error", exc.status_code
     return exc.status_code, exc.error_type, exc.status_code
-
-
-def error_body(path: str, status: int, error_type: str, message: str) -> dict:
-    if is_openai(path):
-        return {"error": {"message": message, "type": error_type, "param": None, "code": status}}
-    return {"error": message, "error_type": error_type}
 
 
 def error_response(request: Request, status: int, error_type: str, message: str) -> JSONResponse:

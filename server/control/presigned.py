@@ -133,6 +133,12 @@ def _too_large(max_bytes: int) -> str:
     return f"upload is larger than max_upload_mb ({max_bytes // 2**20} MB)"
 
 
+def streams_to_disk(path: str) -> bool:
+    """Uploads that stream to disk under `max_upload_mb` rather than the small-body limit: pre-signed
+    PUTs and OpenAI's multipart `/v1/files`."""
+    return is_blob_path(path) or path == "/v1/files"
+
+
 def is_blob_path(path: str) -> bool:
     """The routes whose token is their authorisation (BearerAuth and BodySizeLimit let them by)."""
     return path.startswith(BLOB_PREFIX)

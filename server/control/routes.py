@@ -31,11 +31,6 @@ def build_control_plane(settings: Settings, home: Path) -> ControlPlane:
     return plane
 
 
-def streams_own_body(path: str) -> bool:
-    """Uploads that stream to disk under `max_upload_mb` instead of the small-body limit."""
-    return presigned.is_blob_path(path) or path == "/v1/files"
-
-
 def include_control_routers(app: FastAPI) -> None:
     for router in ROUTERS:
         app.include_router(router)
