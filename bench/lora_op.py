@@ -70,7 +70,7 @@ def cases() -> dict[str, dict]:
 
 
 def candidates(c: dict, a: torch.Tensor, b_t: torch.Tensor) -> dict[str, Op]:
-    planner = LoraPlanner(torch.device("cpu"), torch.float32, sorted_methods=True)
+    planner = LoraPlanner(torch.device("cpu"), torch.get_default_dtype(), sorted_methods=True)
     ranges, lens = c["ranges"], c["query_lens"]
     plans = {"auto": planner.plan(ranges, lens), "masked_window": planner._window(ranges, lens),
              "sorted_runs": planner._runs(ranges, lens), "sorted_groups": planner._groups(ranges, lens)}
@@ -98,7 +98,7 @@ def time_layer(fns: list[Callable[[], torch.Tensor]], repeats: int, inner: int) 
 def check(ops: dict[str, Op], x: torch.Tensor) -> None:
     want = ops["masked_window"](x)
     for name, op in ops.items():
-        torch.testing.assert_close(op(x), want, atol=1e-3, rtol=1e-3, msg=name)
+        torch.testing.assert_close(op(x).float(), want.float(), atol=5e-2, rtol=5e-2, msg=name)
 
 
 def run(repeats: int) -> dict:
@@ -128,14 +128,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="the server's dtype (auto picks bfloat16 on a CPU with AVX512-BF16)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    torch.set_default_dtype(getattr(torch, args.dtype))
     wait_for_quiet()
     info = machine()
     cases = run(args.repeats)
     info["loadavg_1m_at_end"] = round(__import__("os").getloadavg()[0], 2)
     report = {"benchmark": "lora_op", "machine": info, "threads": torch.get_num_threads(), "rank": RANK,
+              "dtype": args.dtype,
               "resident_adapters": RESIDENT, "command": " ".join(sys.argv),
               "unit": "microseconds per decoder layer (7 projections)", "cases": cases}
     out = ROOT / "bench" / "results" / f"lora_op-{time.strftime('%Y%m%d-%H%M%S')}.json"

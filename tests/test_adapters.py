@@ -159,6 +159,18 @@ def test_concurrent_requests_for_a_cold_adapter_trigger_one_load(make_engine, ad
     assert engine.store.stats["loads"] == 1 and engine.store.stats["cpu_hits"] == 0
 
 
+def test_an_adapter_still_on_the_device_is_not_read_from_disk_again(make_engine, adapter_root, references):
+    engine = make_engine(adapters=AdapterConfig(adapters_dir=str(adapter_root), max_cpu_adapters=1))
+    a, b = (f"{s.name}/1" for s in SPECS[:2])
+    for adapter_id in (a, b, a):  # b pushes a out of the CPU tier; the device tier still holds a
+        tokens, _, _ = run(collect(engine, greedy(PROMPTS[0], NEW_TOKENS, adapter_id=adapter_id)))
+        assert tokens == references[(adapter_id.split("/")[0], PROMPTS[0])]
+    assert engine.store.stats["loads"] == 2 and engine.store.stats["device_hits"] == 1
+    engine.unload_adapter(engine.store.key_for(a, None))  # unloaded on purpose: read from disk again
+    run(collect(engine, greedy(PROMPTS[0], 2, adapter_id=a)))
+    assert engine.store.stats["loads"] == 3
+
+
 def test_device_memory_budget_evicts_and_refuses_what_can_never_fit(make_engine, adapter_root, references):
     # one column costs 1.22 MB in fp32 across all projections: rank 32 is 39 MB, ranks 8 + 16 are 29 MB
     engine = adapter_engine(make_engine, adapter_root, max_adapter_memory_mb=40)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from server.adapters.weights import AdapterWeights
+from server.adapters.weights import AdapterKey, AdapterWeights
 from server.model.decoder import CausalLM
 from server.model.layers import LoraTarget
 
@@ -249,6 +249,7 @@ class ResidentAdapters:
         self.dtype = next(model.parameters()).dtype
         self.active: list[AdapterWeights] = []  # least recently used first
         self._columns: dict[AdapterWeights, tuple[int, int]] = {}
+        self._by_key: dict[AdapterKey, AdapterWeights] = {}  # read by other threads: one dict lookup
         self._allocator = ColumnAllocator()
         self.planner = LoraPlanner(self.device, self.dtype, sorted_methods=self.device.type == "cpu")
         self.capacity = 0
@@ -273,6 +274,7 @@ class ResidentAdapters:
         self._grow_to(self._allocator.end)
         self._write(adapter, lo, width)
         self._columns[adapter] = (lo, lo + width)
+        self._by_key[adapter.key] = adapter
         self.active.append(adapter)
         self.loads += 1
         return True
@@ -293,7 +295,13 @@ class ResidentAdapters:
     def can_ever_hold(self, adapter: AdapterWeights) -> bool:
         return self.bytes_of(adapter) <= self.max_bytes
 
+    def resident(self, key: AdapterKey) -> Optional[AdapterWeights]:
+        """The resident adapter with this key, if any (safe to call from any thread)."""
+        return self._by_key.get(key)
+
     def evict(self, adapter: AdapterWeights) -> None:
+        if self._by_key.get(adapter.key) is adapter:
+            del self._by_key[adapter.key]
         self.active.remove(adapter)
         self._allocator.release(*self._columns.pop(adapter))
         self.evictions += 1
