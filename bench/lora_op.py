@@ -4,7 +4,7 @@ Decode batches of 32 rows over 1, 8, 24 and 32 distinct rank-8 adapters picked a
 in the packed buffers (spread over them, as allocation and eviction leave them; and 8 side by
 side), a prefill-shaped batch (8 sequences of 32 tokens) and a mixed one (24 decode rows, two
 64-token chunks). Each method of server/adapters/lora.py (forced, and as the planner picks it)
-and a gathered-rows candidate add the same delta; the report gives microseconds per decoder layer
+add the same delta; the report gives microseconds per decoder layer
 (the 7 projections) beside the layer's base matmuls. Results: bench/results/lora_op-<timestamp>.json.
 
     .venv/bin/python bench/lora_op.py [--repeats 7] [--threads 0]
@@ -37,17 +37,6 @@ BASE_SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576)]
 Op = Callable[[torch.Tensor], torch.Tensor]
 
 
-def gathered_op(a: torch.Tensor, b_t: torch.Tensor, cols: torch.Tensor, tokens: int) -> Op:
-    """BGMV (a candidate not taken): each token's A and B^T rows gathered, two batched products."""
-    flat = cols.reshape(-1)
-
-    def op(x: torch.Tensor) -> torch.Tensor:
-        a_rows = a.index_select(0, flat).view(tokens, RANK, -1)  # [tokens, r, in]
-        b_rows = b_t.index_select(0, flat).view(tokens, RANK, -1)  # [tokens, r, out]
-        return torch.bmm(torch.bmm(a_rows, x.unsqueeze(2)).transpose(1, 2), b_rows).squeeze(1)
-    return op
-
-
 def case(tokens_per_seq: list[int], adapters: list[int]) -> dict:
     """Sequence i feeds tokens_per_seq[i] tokens with the adapter in slot adapters[i]."""
     ranges = tuple((s * RANK, (s + 1) * RANK) for s in adapters)
@@ -70,13 +59,12 @@ def cases() -> dict[str, dict]:
 
 
 def candidates(c: dict, a: torch.Tensor, b_t: torch.Tensor) -> dict[str, Op]:
-    planner = LoraPlanner(torch.device("cpu"), torch.get_default_dtype(), sorted_methods=True)
+    planner = LoraPlanner.for_device(torch.device("cpu"), torch.get_default_dtype())
     ranges, lens = c["ranges"], c["query_lens"]
     plans = {"auto": planner.plan(ranges, lens), "masked_window": planner._window(ranges, lens),
-             "sorted_runs": planner._runs(ranges, lens), "sorted_groups": planner._groups(ranges, lens)}
+             "sorted_runs": planner._runs(ranges, lens), "sorted_groups": planner._groups(ranges, lens),
+             "gathered_rows": planner._gathered(ranges, lens)}
     ops: dict[str, Op] = {name: (lambda x, p=p: lora_delta(x, a, b_t, p)) for name, p in plans.items()}
-    cols = torch.tensor([[lo + j for j in range(RANK)] for (lo, _), n in zip(ranges, lens) for _ in range(n)])
-    ops["gathered_bmm"] = gathered_op(a, b_t, cols, c["tokens"])
     ops["auto"].method = type(plans["auto"]).__name__
     return ops
 

@@ -53,10 +53,13 @@ def test_more_adapters_than_device_slots_evict_and_reload_correctly(make_engine,
 
 def test_a_batch_of_many_adapters_equals_peft_for_each(make_engine, adapter_root, loaded, references, tmp_path):
     """14 adapters and the base model decode in one batch (no count limit: memory bounds the device
-    tier): 12 rank-8 ones (one slot each, so grouped by slot) then the same with the rank-32 and
-    rank-16 ones beside them (sorted runs); every row equals peft with its adapter alone."""
+    tier): 12 rank-8 ones (one slot each, so grouped by slot), the same with the rank-32 and rank-16
+    ones beside them (sorted runs), the 12 again with costs that favour gathered rows; every row
+    equals peft with its adapter alone."""
+    import dataclasses
     import shutil
 
+    from server.adapters.lora import BF16_COSTS
     from tests.adapter_factory import peft_greedy_each, variant_copy
 
     dirs = {f"v{i:02d}": variant_copy(adapter_root / SPECS[0].name / "1", tmp_path / f"v{i:02d}" / "1", seed=i)
@@ -77,12 +80,15 @@ def test_a_batch_of_many_adapters_equals_peft_for_each(make_engine, adapter_root
         return await asyncio.gather(*(collect(engine, greedy(prompt, new, adapter_id=f"{n}/1" if n else None))
                                       for n in names))
 
-    for names in ([*list(dirs)[:12], None], [*dirs, None]):
+    for names in ([*list(dirs)[:12], None], [*dirs, None], "bf16 costs", [*list(dirs)[:12], None]):
+        if names == "bf16 costs":  # costs that make gathering each row's columns the cheapest
+            resident.planner.costs = dataclasses.replace(BF16_COSTS, window_per_token_column=10.0)
+            continue
         results = run(batch(names))
         for name, (tokens, _, _) in zip(names, results):
             assert tokens == want[name], name
     assert len(resident.active) == 14 and resident.evictions == 0
-    assert {"SortedGroups", "SortedRuns"} <= set(plans), plans
+    assert {"SortedGroups", "SortedRuns", "GatheredRows"} <= set(plans), plans
 
 
 def _record(plans: list[str], plan):

@@ -42,8 +42,10 @@ def pack(adapters, gap_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor, list
     return a, b_t, offsets
 
 
-PLANNER = LoraPlanner(torch.device("cpu"), torch.float32, sorted_methods=True)
-METHODS = {"window": PLANNER._window, "runs": PLANNER._runs, "groups": PLANNER._groups, "auto": PLANNER.plan}
+PLANNER = LoraPlanner.for_device(torch.device("cpu"), torch.float32)
+BF16_PLANNER = LoraPlanner.for_device(torch.device("cpu"), torch.bfloat16)
+METHODS = {"window": PLANNER._window, "runs": PLANNER._runs, "groups": PLANNER._groups,
+           "gathered": PLANNER._gathered, "auto": PLANNER.plan, "auto_bf16_costs": lambda *a: BF16_PLANNER.plan(*a)}
 CASES = [
     ([8], [0, 0, 0]),  # one adapter
     ([8, 32, 4], [0, 1, 2, 1, 0]),  # mixed ranks
@@ -55,8 +57,8 @@ CASES = [
 
 
 def methods_for(ranks: list[int], rows: list) -> list[str]:
-    one_slot = all(slot_width(ranks[r]) == SLOT_COLUMNS for r in rows if r is not None)
-    return [m for m in METHODS if m != "groups" or one_slot]
+    widths = {slot_width(ranks[r]) for r in rows if r is not None}
+    return [m for m in METHODS if (m != "groups" or widths == {SLOT_COLUMNS}) and (m != "gathered" or len(widths) == 1)]
 
 
 @pytest.mark.parametrize("gap", [0, 2])
@@ -92,7 +94,7 @@ def test_the_delta_adds_into_a_column_slice():
     x, rows = torch.randn(4, IN), [0, 1, None, 1]
     ranges = tuple(offsets[r] if r is not None else None for r in rows)
     want = lora_reference(x, [adapters[r] if r is not None else None for r in rows])
-    for method in METHODS:
+    for method in methods_for([8, 8], rows):
         fused = torch.ones(4, 3 * OUT)  # the method adds into the middle part only
         METHODS[method](ranges, (1,) * 4).add(fused[:, OUT : 2 * OUT], x, a, b_t)
         torch.testing.assert_close((fused[:, OUT : 2 * OUT] - 1).double(), want, atol=1e-4, rtol=1e-4, msg=method)
@@ -114,8 +116,20 @@ def test_the_planner_picks_by_cost(ranges, lens, expected):
     assert (type(plan).__name__ if plan is not None else None) == expected
 
 
+@pytest.mark.parametrize(
+    "ranges, lens, expected",
+    [
+        ([(0, 8), (8, 16), None], [1, 1, 1], "MaskedWindow"),  # a narrow window is cheapest
+        ([(8 * (5 * i % 64), 8 * (5 * i % 64) + 8) for i in range(32)], [1] * 32, "GatheredRows"),  # 32 spread
+        ([(0, 8), (400, 408), (800, 808)], [40, 40, 40], "SortedRuns"),  # long prefill runs
+    ],
+)
+def test_the_bf16_planner_has_its_own_costs(ranges, lens, expected):
+    assert type(BF16_PLANNER.plan(ranges, lens)).__name__ == expected
+
+
 def test_the_cuda_planner_keeps_the_masked_window():
-    planner = LoraPlanner(torch.device("cpu"), torch.float32, sorted_methods=False)
+    planner = LoraPlanner(torch.device("cpu"), torch.float32, costs=None)
     ranges = [(8 * (5 * i % 32), 8 * (5 * i % 32) + 8) for i in range(32)]
     plan = planner.plan(ranges, [1] * 32)
     assert isinstance(plan, MaskedWindow)

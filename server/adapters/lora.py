@@ -4,15 +4,16 @@ The device tier packs every resident adapter's A and B (scale folded into B) sid
 the rank axis of each target projection, in slots of SLOT_COLUMNS columns. Each step gets a
 LoraBatch built once by a planner: one adapter for every token (two plain matmuls), a masked
 column window (two matmuls however many adapters, cost growing with the window's width), tokens
-sorted by adapter into one grouped matmul each way over the window's slots, or sorted runs of
-tokens with a pair of matmuls per adapter. On CPU the cheapest is picked per step from a cost
-model measured by bench/lora_op.py; on CUDA the window (what the decode graphs capture).
+sorted by adapter into one grouped matmul each way over the window's slots, sorted runs of tokens
+with a pair of matmuls per adapter, or each token's columns gathered (BGMV). On CPU the cheapest is
+picked per step from a cost model per dtype measured by bench/lora_op.py; on CUDA the window (what
+the decode graphs capture).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,24 @@ class SortedRuns(LoraBatch):
 
 
 @dataclass(frozen=True)
+class GatheredRows(LoraBatch):
+    """Each adapter token's own A and B^T columns gathered, two batched products (BGMV): the cost
+    of one adapter's rank per token whatever the batch mixes, plus copying those columns (so
+    meant for few tokens). Every adapter in the step is as wide."""
+
+    rows: Optional[torch.Tensor] = None  # [adapter tokens] long
+    columns: Optional[torch.Tensor] = None  # [adapter tokens * width] long: each token's packed columns
+    width: int = 0
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
+        n = self.rows.shape[0]
+        a_rows = a.index_select(0, self.columns).view(n, self.width, -1)  # [n, width, in]
+        b_rows = b_t.index_select(0, self.columns).view(n, self.width, -1)  # [n, width, out]
+        xa = torch.bmm(x.index_select(0, self.rows).unsqueeze(1), a_rows.transpose(1, 2))  # [n, 1, width]
+        y.index_add_(0, self.rows, torch.bmm(xa, b_rows).squeeze(1))
+
+
+@dataclass(frozen=True)
 class PackedLora:
     """The packed adapters of one projection; its LoraTarget calls it when the batch carries LoRA."""
 
@@ -125,19 +144,38 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor, lora: LoraBa
     return y
 
 
-# Cost model of each method, microseconds per decoder layer (7 projections) of the default model on
-# one CPU thread, fitted to bench/lora_op.py (docs/benchmarks.md): only their ratios matter here.
-WINDOW_US_PER_TOKEN_COLUMN = 0.21
-GROUPS_US_PER_SLOT = 10.0
-RUNS_US_PER_RUN = 42.0
-SORTED_US_PER_TOKEN = 4.0
+@dataclass(frozen=True)
+class LoraCosts:
+    """A cost model of each method: microseconds per decoder layer (the default model's 7
+    projections) on one CPU thread, fitted to bench/lora_op.py (docs/benchmarks.md); only their
+    ratios matter. None: the method is not offered (slower than another everywhere measured)."""
+
+    window_per_token_column: float
+    gathered_per_token: Optional[float]
+    runs_per_run: float
+    groups_per_slot: Optional[float]
+    sorted_per_token: float
+
+
+FP32_COSTS = LoraCosts(window_per_token_column=0.21, gathered_per_token=None, runs_per_run=42,
+                       groups_per_slot=10, sorted_per_token=4)
+# bf16 small matmuls and the grouped kernel cost far more per call on CPU; the window and gathering don't
+BF16_COSTS = LoraCosts(window_per_token_column=0.05, gathered_per_token=18, runs_per_run=175,
+                       groups_per_slot=None, sorted_per_token=3)
 
 
 class LoraPlanner:
-    """Builds each step's LoraBatch; the CPU planner picks the cheapest method from the cost model."""
+    """Builds each step's LoraBatch; with a cost model (CPU) it picks the cheapest method, without
+    one (CUDA) the masked window."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, sorted_methods: bool) -> None:
-        self.device, self.dtype, self.sorted_methods = device, dtype, sorted_methods
+    def __init__(self, device: torch.device, dtype: torch.dtype, costs: Optional[LoraCosts]) -> None:
+        self.device, self.dtype, self.costs = device, dtype, costs
+
+    @classmethod
+    def for_device(cls, device: torch.device, dtype: torch.dtype) -> "LoraPlanner":
+        if device.type != "cpu":
+            return cls(device, dtype, None)
+        return cls(device, dtype, BF16_COSTS if dtype in (torch.bfloat16, torch.float16) else FP32_COSTS)
 
     def plan(self, ranges: Sequence[Optional[Range]], query_lens: Sequence[int]) -> Optional[LoraBatch]:
         ranges, query_lens = tuple(ranges), tuple(query_lens)
@@ -146,14 +184,23 @@ class LoraPlanner:
             return None
         if len(used) == 1 and all(r is not None for r in ranges):
             return OneAdapter(ranges, query_lens, *used[0])
-        tokens = sum(n for r, n in zip(ranges, query_lens) if r is not None)
+        if self.costs is None:
+            return self._window(ranges, query_lens)
+        return min(self._estimates(used, sum(query_lens), sum(n for r, n in zip(ranges, query_lens) if r is not None)),
+                   key=lambda pair: pair[0])[1](ranges, query_lens)
+
+    def _estimates(self, used: list[Range], tokens: int, adapter_tokens: int) -> list[tuple[float, Callable]]:
+        c = self.costs
         lo, hi = used[0][0], used[-1][1]
-        costs = {self._window: WINDOW_US_PER_TOKEN_COLUMN * sum(query_lens) * (hi - lo)}
-        if self.sorted_methods:
-            costs[self._runs] = RUNS_US_PER_RUN * len(used) + SORTED_US_PER_TOKEN * tokens
-            if all(end - start == SLOT_COLUMNS for start, end in used):
-                costs[self._groups] = GROUPS_US_PER_SLOT * (hi - lo) / SLOT_COLUMNS + SORTED_US_PER_TOKEN * tokens
-        return min(costs, key=costs.get)(ranges, query_lens)
+        widths = {end - start for start, end in used}
+        out = [(c.window_per_token_column * tokens * (hi - lo), self._window),
+               (c.runs_per_run * len(used) + c.sorted_per_token * adapter_tokens, self._runs)]
+        if c.groups_per_slot is not None and widths == {SLOT_COLUMNS}:
+            out.append((c.groups_per_slot * (hi - lo) / SLOT_COLUMNS + c.sorted_per_token * adapter_tokens,
+                        self._groups))
+        if c.gathered_per_token is not None and len(widths) == 1:
+            out.append((c.gathered_per_token * adapter_tokens, self._gathered))
+        return out
 
     def _window(self, ranges: Ranges, query_lens: tuple[int, ...]) -> MaskedWindow:
         lo = min(r[0] for r in ranges if r is not None)
@@ -174,6 +221,17 @@ class LoraPlanner:
                 rows.extend((r, start + i) for i in range(n))
             start += n
         return sorted(rows, key=lambda pair: pair[0])
+
+    def _gathered(self, ranges: Ranges, query_lens: tuple[int, ...]) -> GatheredRows:
+        rows, columns, start = [], [], 0
+        for r, n in zip(ranges, query_lens):
+            if r is not None:
+                rows.extend(range(start, start + n))
+                columns.extend(c for _ in range(n) for c in range(*r))
+            start += n
+        width = next(hi - lo for lo, hi in (r for r in ranges if r is not None))
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)  # noqa: E731
+        return GatheredRows(ranges, query_lens, as_tensor(rows), as_tensor(columns), width)
 
     def _runs(self, ranges: Ranges, query_lens: tuple[int, ...]) -> SortedRuns:
         tokens = self._sorted_tokens(ranges, query_lens)
@@ -251,7 +309,7 @@ class ResidentAdapters:
         self._columns: dict[AdapterWeights, tuple[int, int]] = {}
         self._by_key: dict[AdapterKey, AdapterWeights] = {}  # read by other threads: one dict lookup
         self._allocator = ColumnAllocator()
-        self.planner = LoraPlanner(self.device, self.dtype, sorted_methods=self.device.type == "cpu")
+        self.planner = LoraPlanner.for_device(self.device, self.dtype)
         self.capacity = 0
         self.loads = 0
         self.evictions = 0
