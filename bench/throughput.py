@@ -86,12 +86,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run_scenario(url: str, concurrency: int, max_new_tokens: int, rounds: int,
-                       adapters: list[str | None] | None = None) -> Scenario:
-    """`concurrency` streams at once (x rounds); stream i uses adapters[i % len(adapters)]."""
+                       adapters: list[str | None] | None = None, warm: bool = True) -> Scenario:
+    """`concurrency` streams at once (x rounds); stream i uses adapters[i % len(adapters)]. With
+    `warm`, every adapter first serves one short request (else each first use is a cold load)."""
     adapters = adapters or [None]
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        await asyncio.gather(*(one_stream(client, PROMPTS[0], 2, a) for a in set(adapters)))  # warm every adapter
+        if warm:
+            await asyncio.gather(*(one_stream(client, PROMPTS[0], 2, a) for a in set(adapters)))
         start = time.perf_counter()
         tasks = [one_stream(client, PROMPTS[i % len(PROMPTS)], max_new_tokens, adapters[i % len(adapters)])
                  for i in range(concurrency * rounds)]
@@ -117,6 +119,16 @@ def summarize(concurrency: int, results: list[StreamResult], wall: float, skip_g
         itl_p99_ms=round(1000 * percentile(itl, 0.99), 1),
         errors=len(results) - len(ok),
     )
+
+
+def wait_for_quiet(max_load: float = 1.5, poll_s: float = 20, timeout_s: float = 900) -> float:
+    """Wait until the 1-minute load average drops below max_load (this machine is shared; OpenMP
+    threads collapse when another process is busy). Returns the load seen when starting."""
+    deadline = time.monotonic() + timeout_s
+    while os.getloadavg()[0] >= max_load and time.monotonic() < deadline:
+        print(f"load average {os.getloadavg()[0]:.2f} >= {max_load}: waiting", file=sys.stderr, flush=True)
+        time.sleep(poll_s)
+    return round(os.getloadavg()[0], 2)
 
 
 def machine() -> dict:

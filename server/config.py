@@ -60,7 +60,7 @@ class Limits:
     max_stop_sequences: int = 4
     max_stop_sequence_length: int = 256  # characters per stop sequence (matching cost grows with it)
     max_best_of: int = 4
-    max_active_adapters: int = 8
+    max_active_adapters: int = 0  # an optional cap on resident adapters; 0: bounded by max_adapter_memory_mb only
     max_adapter_memory_mb: int = 1024  # device memory for resident adapters' weights
     max_cached_schemas: int = 128  # compiled JSON-schema grammars kept (LRU)
     max_queue_wait_s: int = 60  # longest wait for a place in the running batch; beyond it: 429 overloaded
@@ -69,7 +69,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            _check_min(f.name, getattr(self, f.name), 1)
+            _check_min(f.name, getattr(self, f.name), 0 if f.name == "max_active_adapters" else 1)
         if self.max_input_length >= self.max_total_tokens:
             raise ConfigError(
                 f"max_input_length ({self.max_input_length}) must be < max_total_tokens ({self.max_total_tokens})"

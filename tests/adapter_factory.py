@@ -55,6 +55,24 @@ def peft_greedy(base_dir: Path, adapter_dir: Path | None, prompt_ids: list[int],
     return out[0, len(prompt_ids):].tolist()
 
 
+def peft_greedy_each(base_dir: Path, adapter_dirs: dict[str, Path], prompt_ids: list[int],
+                     max_new_tokens: int) -> dict[str, list[int]]:
+    """peft_greedy for many adapters, the base model loaded once (each adapter still alone)."""
+    names = list(adapter_dirs)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                                      adapter_dirs[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapter_dirs[name], adapter_name=name)
+    model.eval()
+    out = {}
+    with torch.no_grad():
+        for name in names:
+            model.set_adapter(name)
+            tokens = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+            out[name] = tokens[0, len(prompt_ids):].tolist()
+    return out
+
+
 def corrupt_copy(src: Path, dst: Path) -> Path:
     """The same adapter with its safetensors file truncated."""
     dst.mkdir(parents=True)

@@ -51,6 +51,51 @@ def test_more_adapters_than_device_slots_evict_and_reload_correctly(make_engine,
     assert resident.evictions >= len(SPECS) - 1 and len(resident.active) <= 1
 
 
+def test_a_batch_of_many_adapters_equals_peft_for_each(make_engine, adapter_root, loaded, references, tmp_path):
+    """14 adapters and the base model decode in one batch (no count limit: memory bounds the device
+    tier): 12 rank-8 ones (one slot each, so grouped by slot), the same with the rank-32 and rank-16
+    ones beside them (sorted runs), the 12 again with costs that favour gathered rows; every row
+    equals peft with its adapter alone."""
+    import dataclasses
+    import shutil
+
+    from server.adapters.lora import BF16_COSTS
+    from tests.adapter_factory import peft_greedy_each, variant_copy
+
+    dirs = {f"v{i:02d}": variant_copy(adapter_root / SPECS[0].name / "1", tmp_path / f"v{i:02d}" / "1", seed=i)
+            for i in range(12)}
+    dirs.update({s.name: adapter_root / s.name / "1" for s in SPECS[1:]})
+    for spec in SPECS[1:]:
+        shutil.copytree(adapter_root / spec.name, tmp_path / spec.name)
+    prompt, new = PROMPTS[0], 6
+    want = peft_greedy_each(loaded.model_dir, dirs, loaded.tokenizer(prompt)["input_ids"], new)
+    want[None] = references[(None, prompt)][:new]
+    engine = make_engine(adapters=AdapterConfig(adapters_dir=str(tmp_path)))
+    resident = engine.engine.scheduler.adapters
+    plans: list[str] = []
+    plan = resident.planner.plan
+    resident.planner.plan = lambda *args: _record(plans, plan(*args))
+
+    async def batch(names):
+        return await asyncio.gather(*(collect(engine, greedy(prompt, new, adapter_id=f"{n}/1" if n else None))
+                                      for n in names))
+
+    for names in ([*list(dirs)[:12], None], [*dirs, None], "bf16 costs", [*list(dirs)[:12], None]):
+        if names == "bf16 costs":  # costs that make gathering each row's columns the cheapest
+            resident.planner.costs = dataclasses.replace(BF16_COSTS, window_per_token_column=10.0)
+            continue
+        results = run(batch(names))
+        for name, (tokens, _, _) in zip(names, results):
+            assert tokens == want[name], name
+    assert len(resident.active) == 14 and resident.evictions == 0
+    assert {"SortedGroups", "SortedRuns", "GatheredRows"} <= set(plans), plans
+
+
+def _record(plans: list[str], plan):
+    plans.append(type(plan).__name__)
+    return plan
+
+
 def test_a_burst_for_one_adapter_does_not_starve_another(make_engine, adapter_root):
     """20 requests for adapter A arrive first, then one for B; with 2 batch slots FIFO would make B
     wait for all of A. Rotation admits B at the first free slot."""
@@ -118,6 +163,18 @@ def test_concurrent_requests_for_a_cold_adapter_trigger_one_load(make_engine, ad
 
     run(scenario())
     assert engine.store.stats["loads"] == 1 and engine.store.stats["cpu_hits"] == 0
+
+
+def test_an_adapter_still_on_the_device_is_not_read_from_disk_again(make_engine, adapter_root, references):
+    engine = make_engine(adapters=AdapterConfig(adapters_dir=str(adapter_root), max_cpu_adapters=1))
+    a, b = (f"{s.name}/1" for s in SPECS[:2])
+    for adapter_id in (a, b, a):  # b pushes a out of the CPU tier; the device tier still holds a
+        tokens, _, _ = run(collect(engine, greedy(PROMPTS[0], NEW_TOKENS, adapter_id=adapter_id)))
+        assert tokens == references[(adapter_id.split("/")[0], PROMPTS[0])]
+    assert engine.store.stats["loads"] == 2 and engine.store.stats["device_hits"] == 1
+    engine.unload_adapter(engine.store.key_for(a, None))  # unloaded on purpose: read from disk again
+    run(collect(engine, greedy(PROMPTS[0], 2, adapter_id=a)))
+    assert engine.store.stats["loads"] == 3
 
 
 def test_device_memory_budget_evicts_and_refuses_what_can_never_fit(make_engine, adapter_root, references):

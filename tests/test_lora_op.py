@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 import pytest
 import torch
 
-from server.adapters.lora import LoraBatch, lora_delta
+from server.adapters.lora import SLOT_COLUMNS, LoraPlanner, MaskedWindow, lora_delta, slot_width
 
 IN, OUT = 48, 40
 
@@ -28,65 +28,113 @@ def make_adapters(ranks: list[int], seed: int = 0) -> list[tuple[torch.Tensor, t
     return [(torch.randn(r, IN, generator=g), torch.randn(OUT, r, generator=g)) for r in ranks]
 
 
-def pack(adapters) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
-    a = torch.cat([x for x, _ in adapters])  # [cols, in]
-    b_t = torch.cat([y.t() for _, y in adapters])  # [cols, out]
+def pack(adapters, gap_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Packed as the device tier does: whole slots per adapter (zero padding), `gap_slots` slots of
+    another adapter's junk between neighbours (what the window and the groups must skip)."""
     offsets, start = [], 0
     for x, _ in adapters:
-        offsets.append((start, start + x.shape[0]))
-        start += x.shape[0]
+        offsets.append((start, start + slot_width(x.shape[0])))
+        start += slot_width(x.shape[0]) + gap_slots * SLOT_COLUMNS
+    a, b_t = torch.randn(start, IN), torch.randn(start, OUT)  # junk everywhere ...
+    for (lo, hi), (x, y) in zip(offsets, adapters):  # ... but in each adapter's own slots
+        a[lo:hi], b_t[lo:hi] = 0, 0
+        a[lo : lo + x.shape[0]], b_t[lo : lo + x.shape[0]] = x, y.t()
     return a, b_t, offsets
 
 
-def batch_for(rows: list[int | None], offsets, tokens_per_row: list[int]) -> LoraBatch:
-    used = [offsets[r] for r in rows if r is not None]
-    lo, hi = min(u[0] for u in used), max(u[1] for u in used)
-    mask = torch.zeros(sum(tokens_per_row), hi - lo)
-    start = 0
-    for r, n in zip(rows, tokens_per_row):
-        if r is not None:
-            mask[start : start + n, offsets[r][0] - lo : offsets[r][1] - lo] = 1
-        start += n
-    return LoraBatch(lo, hi, mask)
+PLANNER = LoraPlanner.for_device(torch.device("cpu"), torch.float32)
+BF16_PLANNER = LoraPlanner.for_device(torch.device("cpu"), torch.bfloat16)
+METHODS = {"window": PLANNER._window, "runs": PLANNER._runs, "groups": PLANNER._groups,
+           "gathered": PLANNER._gathered, "auto": PLANNER.plan, "auto_bf16_costs": lambda *a: BF16_PLANNER.plan(*a)}
+CASES = [
+    ([8], [0, 0, 0]),  # one adapter
+    ([8, 32, 4], [0, 1, 2, 1, 0]),  # mixed ranks
+    ([8, 32, 4], [None, 1, None, 2]),  # rows without an adapter
+    ([16, 16], [1, 1, 1]),  # window covers only the second adapter
+    ([64, 8, 8, 8], [3, 0, 2, None, 1, 3]),  # rank >= 32 beside small ones
+    ([8] * 14, [5, 0, 13, None, 7, 5, 2, 9, 11, 1, 3, 12, 4, 6, 10, 8]),  # many one-slot adapters
+]
+
+
+def methods_for(ranks: list[int], rows: list) -> list[str]:
+    widths = {slot_width(ranks[r]) for r in rows if r is not None}
+    return [m for m in METHODS if (m != "groups" or widths == {SLOT_COLUMNS}) and (m != "gathered" or len(widths) == 1)]
+
+
+@pytest.mark.parametrize("gap", [0, 2])
+@pytest.mark.parametrize("ranks, rows", CASES)
+def test_decode_rows_match_float64_reference(ranks, rows, gap):
+    adapters = make_adapters(ranks)
+    a, b_t, offsets = pack(adapters, gap)
+    x = torch.randn(len(rows), IN)
+    ranges = tuple(offsets[r] if r is not None else None for r in rows)
+    want = lora_reference(x, [adapters[r] if r is not None else None for r in rows])
+    for method in methods_for(ranks, rows):
+        got = lora_delta(x, a, b_t, METHODS[method](ranges, (1,) * len(rows)))
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4, msg=method)
+
+
+@pytest.mark.parametrize("ranks, rows, lens", [([8, 32], [1, None, 0], [3, 2, 4]),
+                                               ([8, 8, 8], [2, 0, None, 1, 0], [1, 1, 5, 7, 3])])
+def test_prefill_rows_with_several_tokens_each(ranks, rows, lens):
+    adapters = make_adapters(ranks)
+    a, b_t, offsets = pack(adapters, gap_slots=1)
+    x = torch.randn(sum(lens), IN)
+    ranges = tuple(offsets[r] if r is not None else None for r in rows)
+    per_token = [r for r, n in zip(rows, lens) for _ in range(n)]
+    want = lora_reference(x, [adapters[r] if r is not None else None for r in per_token])
+    for method in methods_for(ranks, rows):
+        got = lora_delta(x, a, b_t, METHODS[method](ranges, tuple(lens)))
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4, msg=method)
+
+
+def test_the_delta_adds_into_a_column_slice():
+    adapters = make_adapters([8, 8])
+    a, b_t, offsets = pack(adapters, gap_slots=1)
+    x, rows = torch.randn(4, IN), [0, 1, None, 1]
+    ranges = tuple(offsets[r] if r is not None else None for r in rows)
+    want = lora_reference(x, [adapters[r] if r is not None else None for r in rows])
+    for method in methods_for([8, 8], rows):
+        fused = torch.ones(4, 3 * OUT)  # the method adds into the middle part only
+        METHODS[method](ranges, (1,) * 4).add(fused[:, OUT : 2 * OUT], x, a, b_t)
+        torch.testing.assert_close((fused[:, OUT : 2 * OUT] - 1).double(), want, atol=1e-4, rtol=1e-4, msg=method)
+        assert (fused[:, :OUT] == 1).all() and (fused[:, 2 * OUT :] == 1).all()
 
 
 @pytest.mark.parametrize(
-    "ranks, rows",
+    "ranges, lens, expected",
     [
-        ([8], [0, 0, 0]),  # one adapter
-        ([8, 32, 4], [0, 1, 2, 1, 0]),  # mixed ranks
-        ([8, 32, 4], [None, 1, None, 2]),  # rows without an adapter
-        ([16, 16], [1, 1, 1]),  # window covers only the second adapter
-        ([64, 8, 8, 8], [3, 0, 2, None, 1, 3]),  # rank >= 32 beside small ones
+        ([None, None], [1, 1], None),  # base only: no LoRA at all
+        ([(8, 16)] * 3, [1, 1, 5], "OneAdapter"),  # one adapter for every token: no mask
+        ([(0, 8), (8, 16), None], [1, 1, 1], "MaskedWindow"),  # a narrow window is cheapest
+        ([(8 * (5 * i % 32), 8 * (5 * i % 32) + 8) for i in range(32)], [1] * 32, "SortedGroups"),  # 32 spread
+        ([(0, 8), (400, 432), (800, 816)], [1, 1, 1], "SortedRuns"),  # wide window, ranks that differ
     ],
 )
-def test_decode_rows_match_float64_reference(ranks, rows):
-    adapters = make_adapters(ranks)
-    a, b_t, offsets = pack(adapters)
-    x = torch.randn(len(rows), IN)
-    got = lora_delta(x, a, b_t, batch_for(rows, offsets, [1] * len(rows)))
-    want = lora_reference(x, [adapters[r] if r is not None else None for r in rows])
-    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+def test_the_planner_picks_by_cost(ranges, lens, expected):
+    plan = PLANNER.plan(ranges, lens)
+    assert (type(plan).__name__ if plan is not None else None) == expected
 
 
-def test_prefill_rows_with_several_tokens_each():
-    adapters = make_adapters([8, 32])
-    a, b_t, offsets = pack(adapters)
-    rows, lens = [1, None, 0], [3, 2, 4]
-    x = torch.randn(sum(lens), IN)
-    got = lora_delta(x, a, b_t, batch_for(rows, offsets, lens))
-    per_token = [r for r, n in zip(rows, lens) for _ in range(n)]
-    want = lora_reference(x, [adapters[r] if r is not None else None for r in per_token])
-    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize(
+    "ranges, lens, expected",
+    [
+        ([(0, 8), (8, 16), None], [1, 1, 1], "MaskedWindow"),  # a narrow window is cheapest
+        ([(8 * (5 * i % 64), 8 * (5 * i % 64) + 8) for i in range(32)], [1] * 32, "GatheredRows"),  # 32 spread
+        ([(0, 8), (400, 408), (800, 808)], [40, 40, 40], "SortedRuns"),  # long prefill runs
+    ],
+)
+def test_the_bf16_planner_has_its_own_costs(ranges, lens, expected):
+    assert type(BF16_PLANNER.plan(ranges, lens)).__name__ == expected
 
 
-def test_single_adapter_batch_needs_no_mask():
-    adapters = make_adapters([8, 16])
-    a, b_t, offsets = pack(adapters)
-    x = torch.randn(5, IN)
-    lo, hi = offsets[1]
-    got = lora_delta(x, a, b_t, LoraBatch(lo, hi, None))
-    torch.testing.assert_close(got.double(), lora_reference(x, [adapters[1]] * 5), atol=1e-4, rtol=1e-4)
+def test_the_cuda_planner_keeps_the_masked_window():
+    planner = LoraPlanner(torch.device("cpu"), torch.float32, costs=None)
+    ranges = [(8 * (5 * i % 32), 8 * (5 * i % 32) + 8) for i in range(32)]
+    plan = planner.plan(ranges, [1] * 32)
+    assert isinstance(plan, MaskedWindow)
+    mask = plan.dense_mask(256, torch.float32)
+    assert mask.sum() == 32 * 8 and all(mask[i, lo:hi].all() for i, (lo, hi) in enumerate(ranges))
 
 
 @pytest.mark.parametrize(

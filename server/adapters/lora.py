@@ -1,39 +1,129 @@
-"""Batched multi-LoRA: y = W x + B_a (A_a x) for every row's own adapter a, in one pass.
+"""Batched multi-LoRA: y = W x + B_a (A_a x) for every token's own adapter a, in one pass.
 
 The device tier packs every resident adapter's A and B (scale folded into B) side by side along
-the rank axis of each target projection. A step uses the column window covering the adapters in
-its batch; a 0/1 mask keeps each row on its own adapter's columns. That is two small matmuls per
-projection however many adapters the batch mixes (no per-adapter loop, no gather of weights), and
-no mask at all when the batch uses a single adapter.
+the rank axis of each target projection, in slots of SLOT_COLUMNS columns. Each step gets a
+LoraBatch built once by a planner: one adapter for every token (two plain matmuls), a masked
+column window (two matmuls however many adapters, cost growing with the window's width), tokens
+sorted by adapter into one grouped matmul each way over the window's slots, sorted runs of tokens
+with a pair of matmuls per adapter, or each token's columns gathered (BGMV). On CPU the cheapest is
+picked per step from a cost model per dtype measured by bench/lora_op.py; on CUDA the window (what
+the decode graphs capture).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from server.adapters.weights import AdapterWeights
+from server.adapters.weights import AdapterKey, AdapterWeights
 from server.model.decoder import CausalLM
 from server.model.layers import LoraTarget
+
+SLOT_COLUMNS = 8  # packed columns are allocated in slots this wide, so a rank-8 adapter is one slot
+Range = tuple[int, int]  # an adapter's packed columns [lo, hi)
+Ranges = tuple[Optional[Range], ...]  # per sequence; None: the base model
 
 
 @dataclass(frozen=True)
 class LoraBatch:
-    """Which packed columns a step uses, and which of them each token may use."""
+    """A step's LoRA: the packed columns each sequence uses (None: the base model) and how the
+    delta is computed (one subclass per method)."""
 
-    lo: int
-    hi: int
-    mask: Optional[torch.Tensor]  # [tokens, hi - lo] 0/1 in the model dtype; None: every row uses all
+    ranges: Ranges
+    query_lens: tuple[int, ...]  # tokens per sequence
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
+        """y [tokens, out] += each token's delta; x: [tokens, in]; a: [cols, in]; b_t: [cols, out]."""
+        raise NotImplementedError
+
+    def dense_mask(self, columns: int, dtype: torch.dtype) -> torch.Tensor:
+        """[tokens, columns] 0/1: each token's own columns (the CUDA graphs' masked window)."""
+        mask = torch.zeros(sum(self.query_lens), columns, dtype=dtype)
+        start = 0
+        for r, n in zip(self.ranges, self.query_lens):
+            if r is not None:
+                mask[start : start + n, r[0] : r[1]] = 1
+            start += n
+        return mask
 
 
-def lora_delta(x: torch.Tensor, a_packed: torch.Tensor, b_packed_t: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
-    """x: [tokens, in]; a_packed: [cols, in]; b_packed_t: [cols, out] (scaled). Returns [tokens, out]."""
-    xa = torch.nn.functional.linear(x, a_packed[lora.lo : lora.hi])  # [tokens, window]
-    if lora.mask is not None:
-        xa = xa * lora.mask
-    return xa @ b_packed_t[lora.lo : lora.hi]
+@dataclass(frozen=True)
+class OneAdapter(LoraBatch):
+    """Every token uses the columns [lo, hi): no mask."""
+
+    lo: int = 0
+    hi: int = 0
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
+        y += F.linear(x, a[self.lo : self.hi]) @ b_t[self.lo : self.hi]
+
+
+@dataclass(frozen=True)
+class MaskedWindow(LoraBatch):
+    """The column window [lo, hi) covering the step's adapters; a 0/1 mask keeps each token on its
+    own adapter's columns. Costs tokens x window width, adapters between them included."""
+
+    lo: int = 0
+    hi: int = 0
+    mask: Optional[torch.Tensor] = None  # [tokens, hi - lo] in the model dtype
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
+        xa = F.linear(x, a[self.lo : self.hi])  # [tokens, window]
+        y += (xa * self.mask) @ b_t[self.lo : self.hi]
+
+
+@dataclass(frozen=True)
+class SortedGroups(LoraBatch):
+    """The adapter tokens sorted by slot, one grouped matmul each way over the slots [first_slot,
+    first_slot + slots) viewed as a stack of [in, SLOT_COLUMNS] matrices (no copy of the weights),
+    added back to their rows. Costs the rank per token, plus a little per slot in the window
+    (empty ones too). Every adapter in the step is one slot wide."""
+
+    order: Optional[torch.Tensor] = None  # [adapter tokens] long: token rows sorted by slot
+    offsets: Optional[torch.Tensor] = None  # [slots] int32: cumulative tokens up to each slot
+    first_slot: int = 0
+    slots: int = 0
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
+        lo, hi = self.first_slot * SLOT_COLUMNS, (self.first_slot + self.slots) * SLOT_COLUMNS
+        a3 = a[lo:hi].view(self.slots, SLOT_COLUMNS, -1).transpose(1, 2)  # [slots, in, r]
+        b3 = b_t[lo:hi].view(self.slots, SLOT_COLUMNS, -1)  # [slots, r, out]
+        xa = torch._grouped_mm(x.index_select(0, self.order), a3, offs=self.offsets)  # [adapter tokens, r]
+        y.index_add_(0, self.order, torch._grouped_mm(xa, b3, offs=self.offsets))
+
+
+@dataclass(frozen=True)
+class SortedRuns(LoraBatch):
+    """The adapter tokens sorted by adapter, a pair of matmuls per adapter (any ranks)."""
+
+    order: Optional[torch.Tensor] = None  # [adapter tokens] long: token rows sorted by adapter
+    runs: tuple[tuple[int, int, int, int], ...] = ()  # (start, end) in `order`, the adapter's (lo, hi)
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
+        xs = x.index_select(0, self.order)
+        delta = torch.cat([F.linear(xs[s:e], a[lo:hi]) @ b_t[lo:hi] for s, e, lo, hi in self.runs])
+        y.index_add_(0, self.order, delta)
+
+
+@dataclass(frozen=True)
+class GatheredRows(LoraBatch):
+    """Each adapter token's own A and B^T columns gathered, two batched products (BGMV): the cost
+    of one adapter's rank per token whatever the batch mixes, plus copying those columns (so
+    meant for few tokens). Every adapter in the step is as wide."""
+
+    rows: Optional[torch.Tensor] = None  # [adapter tokens] long
+    columns: Optional[torch.Tensor] = None  # [adapter tokens * width] long: each token's packed columns
+    width: int = 0
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
+        n = self.rows.shape[0]
+        a_rows = a.index_select(0, self.columns).view(n, self.width, -1)  # [n, width, in]
+        b_rows = b_t.index_select(0, self.columns).view(n, self.width, -1)  # [n, width, out]
+        xa = torch.bmm(x.index_select(0, self.rows).unsqueeze(1), a_rows.transpose(1, 2))  # [n, 1, width]
+        y.index_add_(0, self.rows, torch.bmm(xa, b_rows).squeeze(1))
 
 
 @dataclass(frozen=True)
@@ -43,8 +133,126 @@ class PackedLora:
     a: torch.Tensor  # [cols, in]
     b_t: torch.Tensor  # [cols, out], scale folded in
 
-    def __call__(self, x: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
-        return lora_delta(x, self.a, self.b_t, lora)
+    def add(self, y: torch.Tensor, x: torch.Tensor, lora: LoraBatch) -> None:
+        lora.add(y, x, self.a, self.b_t)
+
+
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
+    """The delta alone, [tokens, out] (for tests and benchmarks)."""
+    y = x.new_zeros(x.shape[0], b_t.shape[1])
+    lora.add(y, x, a, b_t)
+    return y
+
+
+@dataclass(frozen=True)
+class LoraCosts:
+    """A cost model of each method: microseconds per decoder layer (the default model's 7
+    projections) on one CPU thread, fitted to bench/lora_op.py (docs/benchmarks.md); only their
+    ratios matter. None: the method is not offered (slower than another everywhere measured)."""
+
+    window_per_token_column: float
+    gathered_per_token: Optional[float]
+    runs_per_run: float
+    groups_per_slot: Optional[float]
+    sorted_per_token: float
+
+
+FP32_COSTS = LoraCosts(window_per_token_column=0.21, gathered_per_token=None, runs_per_run=42,
+                       groups_per_slot=10, sorted_per_token=4)
+# bf16 small matmuls and the grouped kernel cost far more per call on CPU; the window and gathering don't
+BF16_COSTS = LoraCosts(window_per_token_column=0.05, gathered_per_token=18, runs_per_run=175,
+                       groups_per_slot=None, sorted_per_token=3)
+
+
+class LoraPlanner:
+    """Builds each step's LoraBatch; with a cost model (CPU) it picks the cheapest method, without
+    one (CUDA) the masked window."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, costs: Optional[LoraCosts]) -> None:
+        self.device, self.dtype, self.costs = device, dtype, costs
+
+    @classmethod
+    def for_device(cls, device: torch.device, dtype: torch.dtype) -> "LoraPlanner":
+        if device.type != "cpu":
+            return cls(device, dtype, None)
+        return cls(device, dtype, BF16_COSTS if dtype in (torch.bfloat16, torch.float16) else FP32_COSTS)
+
+    def plan(self, ranges: Sequence[Optional[Range]], query_lens: Sequence[int]) -> Optional[LoraBatch]:
+        ranges, query_lens = tuple(ranges), tuple(query_lens)
+        used = sorted({r for r in ranges if r is not None})
+        if not used:
+            return None
+        if len(used) == 1 and all(r is not None for r in ranges):
+            return OneAdapter(ranges, query_lens, *used[0])
+        if self.costs is None:
+            return self._window(ranges, query_lens)
+        return min(self._estimates(used, sum(query_lens), sum(n for r, n in zip(ranges, query_lens) if r is not None)),
+                   key=lambda pair: pair[0])[1](ranges, query_lens)
+
+    def _estimates(self, used: list[Range], tokens: int, adapter_tokens: int) -> list[tuple[float, Callable]]:
+        c = self.costs
+        lo, hi = used[0][0], used[-1][1]
+        widths = {end - start for start, end in used}
+        out = [(c.window_per_token_column * tokens * (hi - lo), self._window),
+               (c.runs_per_run * len(used) + c.sorted_per_token * adapter_tokens, self._runs)]
+        if c.groups_per_slot is not None and widths == {SLOT_COLUMNS}:
+            out.append((c.groups_per_slot * (hi - lo) / SLOT_COLUMNS + c.sorted_per_token * adapter_tokens,
+                        self._groups))
+        if c.gathered_per_token is not None and len(widths) == 1:
+            out.append((c.gathered_per_token * adapter_tokens, self._gathered))
+        return out
+
+    def _window(self, ranges: Ranges, query_lens: tuple[int, ...]) -> MaskedWindow:
+        lo = min(r[0] for r in ranges if r is not None)
+        hi = max(r[1] for r in ranges if r is not None)
+        mask = torch.zeros(sum(query_lens), hi - lo, dtype=self.dtype)
+        start = 0
+        for r, n in zip(ranges, query_lens):
+            if r is not None:
+                mask[start : start + n, r[0] - lo : r[1] - lo] = 1
+            start += n
+        return MaskedWindow(ranges, query_lens, lo, hi, mask.to(self.device))
+
+    def _sorted_tokens(self, ranges: Ranges, query_lens: tuple[int, ...]) -> list[tuple[Range, int]]:
+        """(range, token row) of every adapter token, sorted by the range (stable: rows ascending)."""
+        rows, start = [], 0
+        for r, n in zip(ranges, query_lens):
+            if r is not None:
+                rows.extend((r, start + i) for i in range(n))
+            start += n
+        return sorted(rows, key=lambda pair: pair[0])
+
+    def _gathered(self, ranges: Ranges, query_lens: tuple[int, ...]) -> GatheredRows:
+        rows, columns, start = [], [], 0
+        for r, n in zip(ranges, query_lens):
+            if r is not None:
+                rows.extend(range(start, start + n))
+                columns.extend(c for _ in range(n) for c in range(*r))
+            start += n
+        width = next(hi - lo for lo, hi in (r for r in ranges if r is not None))
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)  # noqa: E731
+        return GatheredRows(ranges, query_lens, as_tensor(rows), as_tensor(columns), width)
+
+    def _runs(self, ranges: Ranges, query_lens: tuple[int, ...]) -> SortedRuns:
+        tokens = self._sorted_tokens(ranges, query_lens)
+        runs, start = [], 0
+        for i in range(1, len(tokens) + 1):
+            if i == len(tokens) or tokens[i][0] != tokens[start][0]:
+                runs.append((start, i, *tokens[start][0]))
+                start = i
+        order = torch.tensor([row for _, row in tokens], dtype=torch.long, device=self.device)
+        return SortedRuns(ranges, query_lens, order, tuple(runs))
+
+    def _groups(self, ranges: Ranges, query_lens: tuple[int, ...]) -> SortedGroups:
+        tokens = self._sorted_tokens(ranges, query_lens)
+        first = tokens[0][0][0] // SLOT_COLUMNS
+        slots = tokens[-1][0][0] // SLOT_COLUMNS - first + 1
+        counts = [0] * slots
+        for r, _ in tokens:
+            counts[r[0] // SLOT_COLUMNS - first] += 1
+        order = torch.tensor([row for _, row in tokens], dtype=torch.long, device=self.device)
+        offsets = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(self.device)
+        return SortedGroups(ranges, query_lens, order, offsets, first, slots)
 
 
 class ColumnAllocator:
@@ -75,12 +283,19 @@ class ColumnAllocator:
         self.free = merged
 
 
-class ResidentAdapters:
-    """The device tier: at most `max_active` adapters packed into the model's projections.
+def slot_width(rank: int) -> int:
+    """Packed columns an adapter of this rank occupies: whole slots."""
+    return -(-rank // SLOT_COLUMNS) * SLOT_COLUMNS
 
-    Each projection owns two buffers (A rows, B^T rows) with one column range per resident adapter.
-    Activating writes only the new adapter's columns (zeros where it has no weights, so a reused
-    range never leaks an evicted adapter); evicting frees the range. Buffers grow by doubling.
+
+class ResidentAdapters:
+    """The device tier: adapters packed into the model's projections, bounded by `max_bytes` (and
+    by `max_active` adapters when that is not 0).
+
+    Each projection owns two buffers (A rows, B^T rows) with one column range (whole slots) per
+    resident adapter. Activating writes only the new adapter's columns (zeros where it has no
+    weights, so a reused range never leaks an evicted adapter); evicting frees the range. Buffers
+    grow by doubling.
     """
 
     def __init__(self, model: CausalLM, max_active: int, max_bytes: int) -> None:
@@ -92,7 +307,9 @@ class ResidentAdapters:
         self.dtype = next(model.parameters()).dtype
         self.active: list[AdapterWeights] = []  # least recently used first
         self._columns: dict[AdapterWeights, tuple[int, int]] = {}
+        self._by_key: dict[AdapterKey, AdapterWeights] = {}  # read by other threads: one dict lookup
         self._allocator = ColumnAllocator()
+        self.planner = LoraPlanner.for_device(self.device, self.dtype)
         self.capacity = 0
         self.loads = 0
         self.evictions = 0
@@ -102,26 +319,32 @@ class ResidentAdapters:
 
     def activate(self, adapter: AdapterWeights, pinned: set[AdapterWeights]) -> bool:
         """Make `adapter` resident, evicting the least recently used unpinned one if full.
-        Returns False when every slot is pinned by running requests."""
+        Returns False when the memory (or the count cap) is taken by adapters of running requests."""
         if self.is_active(adapter):
             return True
-        while len(self.active) >= self.max_active or self.bytes_used + self.bytes_of(adapter) > self.max_bytes:
+        while self._full_for(adapter):
             victim = next((a for a in self.active if a not in pinned), None)
             if victim is None:
                 return False
             self.evict(victim)
-        lo = self._allocator.allocate(adapter.rank)
+        width = slot_width(adapter.rank)
+        lo = self._allocator.allocate(width)
         self._grow_to(self._allocator.end)
-        self._write(adapter, lo)
-        self._columns[adapter] = (lo, lo + adapter.rank)
+        self._write(adapter, lo, width)
+        self._columns[adapter] = (lo, lo + width)
+        self._by_key[adapter.key] = adapter
         self.active.append(adapter)
         self.loads += 1
         return True
 
+    def _full_for(self, adapter: AdapterWeights) -> bool:
+        over_count = 0 < self.max_active <= len(self.active)
+        return over_count or self.bytes_used + self.bytes_of(adapter) > self.max_bytes
+
     def bytes_of(self, adapter: AdapterWeights) -> int:
-        """Device bytes of the adapter's packed columns in every projection."""
+        """Device bytes of the adapter's packed columns (whole slots) in every projection."""
         per_column = sum(m.in_features + m.out_features for m in self.projections.values())
-        return adapter.rank * per_column * torch.finfo(self.dtype).bits // 8
+        return slot_width(adapter.rank) * per_column * torch.finfo(self.dtype).bits // 8
 
     @property
     def bytes_used(self) -> int:
@@ -130,7 +353,13 @@ class ResidentAdapters:
     def can_ever_hold(self, adapter: AdapterWeights) -> bool:
         return self.bytes_of(adapter) <= self.max_bytes
 
+    def resident(self, key: AdapterKey) -> Optional[AdapterWeights]:
+        """The resident adapter with this key, if any (safe to call from any thread)."""
+        return self._by_key.get(key)
+
     def evict(self, adapter: AdapterWeights) -> None:
+        if self._by_key.get(adapter.key) is adapter:
+            del self._by_key[adapter.key]
         self.active.remove(adapter)
         self._allocator.release(*self._columns.pop(adapter))
         self.evictions += 1
@@ -154,31 +383,20 @@ class ResidentAdapters:
             module.lora = PackedLora(a, b_t)
         self.capacity = new_capacity
 
-    def _write(self, adapter: AdapterWeights, lo: int) -> None:
-        hi = lo + adapter.rank
-        for key, (a, b) in adapter.to_device(self.device, self.dtype).items():
-            self.projections[key].lora.a[lo:hi] = a
-            self.projections[key].lora.b_t[lo:hi] = b.t()
+    def _write(self, adapter: AdapterWeights, lo: int, width: int) -> None:
+        """The adapter's columns, zeros in the rest of its range (untargeted modules, slot padding),
+        so a reused range keeps nothing of the adapter it held before."""
+        weights = adapter.to_device(self.device, self.dtype)
         for key, module in self.projections.items():
-            if key not in adapter.modules:  # untargeted here: clear whatever the range held before
-                module.lora.a[lo:hi] = 0
-                module.lora.b_t[lo:hi] = 0
+            module.lora.a[lo : lo + width] = 0
+            module.lora.b_t[lo : lo + width] = 0
+            if key in weights:
+                a, b = weights[key]
+                module.lora.a[lo : lo + adapter.rank] = a
+                module.lora.b_t[lo : lo + adapter.rank] = b.t()
 
     def batch_for(
         self, row_adapters: Sequence[Optional[AdapterWeights]], query_lens: Sequence[int]
     ) -> Optional[LoraBatch]:
         """The LoraBatch for a step whose sequence i uses row_adapters[i] for query_lens[i] tokens."""
-        ranges = [self._columns[a] if a is not None else None for a in row_adapters]
-        used = [r for r in ranges if r is not None]
-        if not used:
-            return None
-        lo, hi = min(r[0] for r in used), max(r[1] for r in used)
-        if all(r == (lo, hi) for r in ranges):
-            return LoraBatch(lo, hi, None)  # one adapter for every row: no mask needed
-        mask = torch.zeros(sum(query_lens), hi - lo, dtype=self.dtype)
-        start = 0
-        for r, n in zip(ranges, query_lens):
-            if r is not None:
-                mask[start : start + n, r[0] - lo : r[1] - lo] = 1
-            start += n
-        return LoraBatch(lo, hi, mask.to(self.device))
+        return self.planner.plan([self._columns[a] if a is not None else None for a in row_adapters], query_lens)

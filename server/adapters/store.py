@@ -51,6 +51,10 @@ class AdapterStore:
         self._pending: dict[AdapterKey, Future] = {}
         self._last_used: dict[AdapterKey, float] = {}
         self._lock = threading.Lock()
+        # the device tier's copy of a key (set by the engine's builder): a CPU-tier miss for an adapter
+        # the device still holds takes it back from there instead of reading the disk again
+        self.device_copy: Callable[[AdapterKey], Optional[AdapterWeights]] = lambda key: None
+        self._unloaded: set[AdapterKey] = set()  # unloaded on purpose: read again, never taken back
         self._pool = ThreadPoolExecutor(config.load_workers, thread_name_prefix="adapter-loader")
         self.stats: Counter[str] = Counter()
 
@@ -71,9 +75,13 @@ class AdapterStore:
     def _get(self, key: AdapterKey, produce: Callable[[], AdapterWeights]) -> Future:
         with self._lock:
             self._last_used[key] = time.time()
-            if key in self._cpu:
+            if key not in self._cpu and key not in self._unloaded and (held := self.device_copy(key)) is not None:
+                self._keep(key, held)
+                self.stats["device_hits"] += 1
+            elif key in self._cpu:
                 self._cpu.move_to_end(key)
                 self.stats["cpu_hits"] += 1
+            if key in self._cpu:
                 done: Future = Future()
                 done.set_result(self._cpu[key])
                 return done
@@ -108,20 +116,26 @@ class AdapterStore:
                 self._pending.pop(key, None)
             raise
         with self._lock:
-            self._cpu[key] = weights
+            self._keep(key, weights)
             self._pending.pop(key, None)
-            while len(self._cpu) > self.config.max_cpu_adapters:
-                evicted, _ = self._cpu.popitem(last=False)
-                self.stats["cpu_evictions"] += 1
-                log.info("adapter %s evicted from the CPU tier", evicted)
+            self._unloaded.discard(key)
         self.stats["loads"] += 1
         log.info("adapter %s loaded (rank %d, %.1f MB) in %.2f s", key, weights.rank,
                  weights.size_bytes / 1e6, time.monotonic() - started)
         return weights
 
+    def _keep(self, key: AdapterKey, weights: AdapterWeights) -> None:
+        """Into the CPU tier (the lock held), evicting the least recently used beyond its size."""
+        self._cpu[key] = weights
+        while len(self._cpu) > self.config.max_cpu_adapters:
+            evicted, _ = self._cpu.popitem(last=False)
+            self.stats["cpu_evictions"] += 1
+            log.info("adapter %s evicted from the CPU tier", evicted)
+
     def unload(self, key: AdapterKey) -> bool:
         """Drop from the CPU tier (requests already holding it finish normally)."""
         with self._lock:
+            self._unloaded.add(key)
             return self._cpu.pop(key, None) is not None
 
     def cpu_resident(self) -> list[AdapterWeights]:

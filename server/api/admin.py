@@ -31,7 +31,9 @@ class AdapterInfo(BaseModel):
 
 class AdapterList(BaseModel):
     adapters: list[AdapterInfo]
-    max_active_adapters: int
+    max_active_adapters: int  # an optional cap on device-resident adapters; 0: none
+    max_adapter_memory_mb: int  # what bounds the device-resident adapters
+    device_adapter_memory_mb: float  # what they take now
     max_cpu_adapters: int
 
 
@@ -44,7 +46,8 @@ def _info(weights: AdapterWeights, tiers: list[str], last_used: Optional[float])
 async def list_adapters(request: Request) -> AdapterList:
     engine = engine_of(request)
     store = engine.store
-    device = {a.key for a in list(engine.engine.scheduler.adapters.active)}
+    resident = engine.engine.scheduler.adapters
+    device = {a.key for a in list(resident.active)}
     entries: dict[AdapterKey, AdapterInfo] = {}
     for weights in store.cpu_resident():
         tiers = ["device", "cpu", "disk"] if weights.key in device else ["cpu", "disk"]
@@ -55,6 +58,8 @@ async def list_adapters(request: Request) -> AdapterList:
                                             last_used=store.last_used(key)))
     return AdapterList(adapters=sorted(entries.values(), key=lambda a: (a.source, a.id)),
                        max_active_adapters=engine.limits.max_active_adapters,
+                       max_adapter_memory_mb=engine.limits.max_adapter_memory_mb,
+                       device_adapter_memory_mb=round(resident.bytes_used / 2**20, 1),
                        max_cpu_adapters=store.config.max_cpu_adapters)
 
 

@@ -105,6 +105,7 @@ def engine_snapshot(holder: EngineHolder) -> dict:
                            ("device", "eviction"): scheduler.adapters.evictions,
                            ("cpu", "load"): store.stats["loads"], ("cpu", "hit"): store.stats["cpu_hits"],
                            ("cpu", "eviction"): store.stats["cpu_evictions"],
+                           ("cpu", "from_device"): store.stats["device_hits"],
                            ("cpu", "failure"): store.stats["load_failures"]},
     }
 

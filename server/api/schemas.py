@@ -115,7 +115,8 @@ class Info(BaseModel):
     max_batch_size: int
     max_concurrent_requests: int
     max_stop_sequences: int
-    max_active_adapters: int
+    max_active_adapters: int  # an optional cap on device-resident adapters; 0: none
+    max_adapter_memory_mb: int  # what bounds the device-resident adapters
     kv_cache: str  # paged | dense
     kv_cache_tokens: int  # paged: the pool's tokens; dense: max_batch_size x max_total_tokens
     kv_cache_memory_mb: int  # paged: the pool; dense: what is allocated now (grown on demand)

@@ -125,6 +125,7 @@ def _assemble(settings: Settings, loaded: LoadedModel, phases: PhaseLog) -> Asyn
     runner = ModelRunner(loaded.model, kv, resident, loaded.device, graphs)
     engine = Engine(runner, Scheduler(budget, kv, resident, loaded.model.recomputes_at), loaded.eos_token_ids)
     store = AdapterStore(store_config(settings.adapters), loaded.model.config)
+    store.device_copy = resident.resident
     if settings.adapters.preload_adapters:
         phases.enter(StartPhase.PRELOADING_ADAPTERS)
         preload(store, settings.adapters.preload_adapters)

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from server.adapters.lora import LoraBatch, ResidentAdapters
+from server.adapters.lora import LoraBatch, MaskedWindow, ResidentAdapters
 from server.engine.kv_cache import KVCache
 from server.model.decoder import CausalLM, ForwardBatch
 
@@ -72,7 +72,7 @@ class DecodeGraphs:
             query_lens=[1] * bucket,
             context_lens=[1] * bucket,
             is_decode=True,
-            lora=LoraBatch(0, self.adapters.capacity, mask) if with_lora else None,
+            lora=MaskedWindow((), (), 0, self.adapters.capacity, mask) if with_lora else None,
             dense_slots=True,
             kv_lens=torch.ones(bucket, dtype=torch.long, device=device),
             attend_len=self.kv.capacity,
@@ -112,8 +112,4 @@ class DecodeGraphs:
         if step.lora_mask is not None:
             lora: LoraBatch = batch.lora
             step.lora_mask.zero_()
-            window = step.lora_mask[:seqs, lora.lo : lora.hi]
-            if lora.mask is None:  # one adapter for every row
-                window.fill_(1)
-            else:
-                window.copy_(lora.mask)
+            step.lora_mask[:seqs].copy_(lora.dense_mask(step.lora_mask.shape[1], step.lora_mask.dtype))

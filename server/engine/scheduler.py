@@ -5,10 +5,11 @@ budgets allow, so a new request never waits for the running batch to drain.
 
 Fairness across adapters: each adapter (and the base model) has its own FIFO queue, and admission
 takes one request per queue in rotation, the adapter just served moving to the back. A burst for
-one adapter therefore cannot push another adapter's requests behind it. When an adapter needs a
-device slot and every slot is pinned by running requests, the resident adapter with the fewest
-running requests stops admitting ("drains"); once idle it is evicted and the waiting adapter moves
-in, so a waiting queue is bounded by one drain (at most max_total_tokens decode steps).
+one adapter therefore cannot push another adapter's requests behind it. The device tier is bounded
+by memory, so as many adapters as fit decode together; when an adapter does not fit and the resident
+ones are all pinned by running requests, the resident adapter with the fewest running requests stops
+admitting ("drains"); once idle it is evicted and the waiting adapter moves in, so a waiting queue is
+bounded by drains (each at most max_total_tokens decode steps).
 
 A request that has waited longer than max_queue_wait_s for admission is failed as "overloaded"
 (429), so a client under sustained overload hears so and can retry elsewhere instead of hanging.

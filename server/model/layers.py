@@ -28,7 +28,7 @@ class LoraTarget(nn.Module):
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, batch: Any) -> None:
         """y += this projection's LoRA delta for the batch's rows (y may be a column slice)."""
         if self.lora is not None and batch.lora is not None:
-            y += self.lora(x, batch.lora)
+            self.lora.add(y, x, batch.lora)
 
 
 INT8_MAX_ROWS = 4  # int8 matmuls beat float ones up to this many rows on CPU (bench/step_time.py)
