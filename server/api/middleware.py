@@ -147,10 +147,15 @@ class BearerAuth:
         await JSONResponse(body, status_code=401, headers={"www-authenticate": "Bearer"})(scope, receive, send)
 
     def _allowed(self, scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        matches = [hmac.compare_digest(token.strip(), key) for key in self.keys]
-        return scheme.lower() == b"bearer" and any(matches)
+        return bearer_key_ok(scope, self.keys)
+
+
+def bearer_key_ok(scope, keys: list[bytes]) -> bool:
+    """Whether an HTTP or WebSocket scope carries `Authorization: Bearer <one of keys>`."""
+    header = dict(scope["headers"]).get(b"authorization", b"")
+    scheme, _, token = header.partition(b" ")
+    matches = [hmac.compare_digest(token.strip(), key) for key in keys]
+    return scheme.lower() == b"bearer" and any(matches)
 
 
 class CountRequests:

@@ -5,7 +5,6 @@ with history replay, closed with 1000 when the job is over."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import uuid
 from pathlib import Path
@@ -14,11 +13,13 @@ from typing import Any, Optional
 from fastapi import APIRouter, Request, WebSocket
 from pydantic import BaseModel
 
+from server.api.middleware import bearer_key_ok
 from server.api.native import engine_of
 from server.control.dataset_files import DatasetKind
 from server.control.deployments import check_served_model
 from server.control.jobs import FinetuneJob, FinetuneJobs, JobRequest
 from server.control.plane import ControlPlane, control_of
+from server.control.repos import check_repo_name
 from server.control.trainer import resolve_params
 from server.errors import BadRequestError, ConflictError, NotFoundError
 
@@ -62,7 +63,7 @@ async def cost_estimate() -> dict:
 async def create_job(body: CreateJob, request: Request) -> dict:
     control, engine = control_of(request), engine_of(request)
     continue_dir = _continue_from(control, body.continueFromVersion)
-    params = _checked_params(body.params, engine.loaded.name, continue_dir)
+    params = _checked_params(body.params, engine.loaded.name)
     check_served_model(engine, params["base_model"])
     control.repos.find(body.repo)  # 404: fine-tunes go into a repo made first (pb.repos.create), as hosted
     path, file_name, summary = control.datasets.dataset_file(body.dataset)
@@ -77,9 +78,8 @@ async def create_job(body: CreateJob, request: Request) -> dict:
     return job.to_api(engine.loaded.device.type)
 
 
-def _checked_params(params: dict, served: str, continue_dir: Optional[Path]) -> dict:
-    params = {"base_model": served, **params} if "base_model" not in params or params["base_model"] is None \
-        else dict(params)
+def _checked_params(params: dict, served: str) -> dict:
+    params = {**params, "base_model": params.get("base_model") or served}  # unset: the served model
     try:
         return resolve_params(params)
     except ValueError as exc:
@@ -92,7 +92,7 @@ def _continue_from(control: ControlPlane, version: Optional[str]) -> Optional[Pa
     repo, _, tag = version.partition("/")
     if not tag.isdigit():
         raise BadRequestError(f'continueFromVersion must look like "repo/N"; got {version!r}')
-    folder = control.adapters_dir / repo / tag
+    folder = control.repos.version_dir(check_repo_name(repo), int(tag))  # never a path out of the store
     if not (folder / "adapter_config.json").is_file():
         raise NotFoundError(f"continueFromVersion {version!r} not found")
     return folder.resolve()
@@ -173,9 +173,5 @@ async def metrics_stream(websocket: WebSocket, job_uuid: str) -> None:
 
 def _authorized(websocket: WebSocket) -> bool:
     keys = websocket.app.state.settings.http.api_keys
-    if not keys:
-        return True
-    scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
-    matches = [hmac.compare_digest(token.strip().encode(), key.encode()) for key in keys]
-    return scheme.lower() == "bearer" and any(matches)
+    return not keys or bearer_key_ok(websocket.scope, [key.encode() for key in keys])
 
