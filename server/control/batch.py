@@ -90,9 +90,9 @@ class BatchJobs:
         for job in self._where("status = ?", (BatchStatus.RUNNING.value,)):  # its task died with the server
             self._set(job.uuid, BatchStatus.ERRORED, error="the server restarted while this job ran; create it again")
 
-    def create(self, dataset: str, path: Path, file_name: str, original_request: dict) -> BatchJob:
+    def create(self, dataset: str, path: Path, file_name: str, rows: int, original_request: dict) -> BatchJob:
+        """`rows`: the count the caller's check of the file found (the runner reads it again to run it)."""
         job_uuid = str(uuid.uuid4())
-        rows = len(batch_rows(path, file_name))
         self.db.execute("INSERT INTO batch_jobs (uuid, dataset, dataset_path, dataset_file_name, original_request, "
                         "status, rows_total, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                         (job_uuid, dataset, str(path), file_name, json.dumps(original_request),

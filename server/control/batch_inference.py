@@ -43,7 +43,7 @@ async def create_batch(body: CreateBatch, request: Request) -> dict:
     if summary.kind is not DatasetKind.BATCH:
         raise BadRequestError(f"dataset {body.dataset!r} holds training rows; batch inference needs OpenAI batch "
                               "rows (`custom_id`, `url`, `body`)")
-    return control.batches.create(body.dataset, path, file_name, body.model_dump()).to_api()
+    return control.batches.create(body.dataset, path, file_name, summary.rows, body.model_dump()).to_api()
 
 
 @router.get("/v2/batch-inference")

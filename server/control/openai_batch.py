@@ -182,7 +182,7 @@ async def create_batch(body: CreateBatch, request: Request) -> dict:
         raise BadRequestError(f"input file {body.input_file_id}: {exc}") from None
     if any(row.url != body.endpoint for row in rows):
         raise BadRequestError(f"every row's url must be the batch's endpoint {body.endpoint}")
-    job = control_of(request).batches.create(body.input_file_id, path, path.name,
+    job = control_of(request).batches.create(body.input_file_id, path, path.name, len(rows),
                                              {**body.model_dump(), "api": "openai"})
     return batch_object(job, int(time.time()))
 
