@@ -1,11 +1,12 @@
 """Candidate multi-LoRA ops at the default model's projection shapes, timed on this machine.
 
 Decode batches of 32 rows over 1, 8, 24 and 32 distinct rank-8 adapters picked among 64 resident
-in the packed buffers (spread over them, as allocation and eviction leave them; and 8 side by
-side), a prefill-shaped batch (8 sequences of 32 tokens) and a mixed one (24 decode rows, two
-64-token chunks). Each method of server/adapters/lora.py (forced, and as the planner picks it)
-add the same delta; the report gives microseconds per decoder layer
-(the 7 projections) beside the layer's base matmuls. Results: bench/results/lora_op-<timestamp>.json.
+in the packed buffers (spread over them, as allocation and eviction leave them; and 8 or 32 side
+by side, as the device tier packs a batch's adapters), a prefill-shaped batch (8 sequences of 32
+tokens) and a mixed one (24 decode rows, two 64-token chunks). Each method of
+server/adapters/lora.py (forced, and as the planner picks it) add the same delta; the report gives
+microseconds per decoder layer (the 7 projections) beside the layer's base matmuls.
+Results: bench/results/lora_op-<timestamp>.json.
 
     .venv/bin/python bench/lora_op.py [--repeats 7] [--threads 0]
 """
@@ -53,6 +54,7 @@ def spread(n: int, count: int, seed: int) -> list[int]:
 def cases() -> dict[str, dict]:
     out = {f"decode-32x{d}": case([1] * 32, spread(d, 32, d)) for d in (1, 8, 24, 32)}
     out["decode-32x8-contiguous"] = case([1] * 32, [i % 8 for i in range(32)])  # the first 8 loaded
+    out["decode-32x32-contiguous"] = case([1] * 32, list(range(32)))  # as the device tier packs a batch's adapters
     out["prefill-8x32tok-8"] = case([32] * 8, spread(8, 8, 99))
     out["mixed-24dec+2x64tok-24"] = case([1] * 24 + [64, 64], spread(24, 24, 7) + spread(2, 2, 8))
     return out

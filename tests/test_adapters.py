@@ -1,6 +1,7 @@
 """Multi-LoRA serving on the real model: mixed batches equal peft, eviction, fairness, bad adapters."""
 
 import asyncio
+import time
 
 import pytest
 
@@ -89,6 +90,36 @@ def test_a_batch_of_many_adapters_equals_peft_for_each(make_engine, adapter_root
             assert tokens == want[name], name
     assert len(resident.active) == 14 and resident.evictions == 0
     assert {"SortedGroups", "SortedRuns", "GatheredRows"} <= set(plans), plans
+
+
+def test_adapters_scattered_among_idle_ones_are_packed_together_and_still_equal_peft(
+        make_engine, loaded, adapter_root, tmp_path):
+    """Eight adapters made resident one by one sit side by side; a batch of every other one spreads
+    over twice its width, so those outside the front trade places with idle ones (one gather and
+    scatter per buffer). The batch, and then the displaced adapters on their own, equal peft."""
+    from tests.adapter_factory import peft_greedy_each, variant_copy
+
+    dirs = {f"s{i}": variant_copy(adapter_root / SPECS[0].name / "1", tmp_path / f"s{i}" / "1", seed=50 + i)
+            for i in range(8)}
+    prompt, new = PROMPTS[0], 5
+    want = peft_greedy_each(loaded.model_dir, dirs, loaded.tokenizer(prompt)["input_ids"], new)
+    engine = make_engine(adapters=AdapterConfig(adapters_dir=str(tmp_path)))
+    resident = engine.engine.scheduler.adapters
+
+    async def batch(names):
+        return await asyncio.gather(*(collect(engine, greedy(prompt, new, adapter_id=f"{n}/1")) for n in names))
+
+    for name in dirs:  # resident in this order: slots 0..7
+        run(batch([name]))
+    spread, idle = list(dirs)[::2], list(dirs)[1::2]
+    starts = {name: resident._columns[resident.resident(engine.store.key_for(f"{name}/1", None))][0]
+              for name in dirs}
+    assert sorted(starts[n] for n in spread) == [0, 16, 32, 48]
+    for names in (spread, idle, list(dirs)):
+        assert [tokens for tokens, _, _ in run(batch(names))] == [want[n] for n in names], names
+    assert resident.relocations == 2  # s4 and s6 traded places with s1 and s3; the later batches were tight
+    columns = sorted(resident._columns[resident.resident(engine.store.key_for(f"{n}/1", None))][0] for n in spread)
+    assert columns == [0, 8, 16, 24]
 
 
 def _record(plans: list[str], plan):
@@ -210,3 +241,47 @@ def test_requests_waiting_for_a_cold_adapter_count_against_the_concurrency_limit
     results = run(scenario())
     assert sum(isinstance(r, OverloadedError) for r in results) == 2  # exactly the overflow
     assert sum(not isinstance(r, Exception) for r in results) == 3
+
+
+def test_a_burst_of_cold_adapters_is_prefilled_together(make_engine, adapter_root, references):
+    """Nothing decoding and three requests whose adapters are read from disk: the engine waits for
+    the loads (not one small prefill step per load, each taking the cores the other loads need),
+    then prefills all three in one step; every output still equals peft."""
+    engine = adapter_engine(make_engine, adapter_root)
+    steps: list[int] = []
+    step = engine.engine.runner.run
+    engine.engine.runner.run = lambda plan: (steps.append(len(plan.requests)), step(plan))[1]
+    names = [s.name for s in SPECS]
+    results = run(mixed_run(engine, [(n, PROMPTS[0]) for n in names]))
+    assert steps[0] == len(names) == 3, steps
+    for name, (tokens, _, _) in zip(names, results):
+        assert tokens == references[(name, PROMPTS[0])]
+
+
+def test_loads_hold_an_idle_engine_briefly_and_a_decoding_one_never(make_engine, loaded):
+    """Driven by hand (the engine thread stopped): with requests arriving on loads and nothing
+    decoding, the hold lasts until the loads are done or HOLD_FOR_LOADS_S; with a stream decoding,
+    or no load ahead, it returns at once."""
+    from server.engine.detokenizer import IncrementalDetokenizer
+    from server.engine.engine import HOLD_FOR_LOADS_S
+    from server.engine.request import Request, SamplingParams, StopCriteria
+
+    core = make_engine().engine
+    core.stop()  # the thread has ended; the loop's pieces are called here instead
+    core._stop.clear()
+    prompt = loaded.tokenizer(PROMPTS[0])["input_ids"]
+    core.scheduler.add(Request(prompt_ids=prompt, params=SamplingParams(), sink=lambda event: None,
+                               stop=StopCriteria(max_new_tokens=50, ignore_eos=True),
+                               detokenizer=IncrementalDetokenizer(loaded.tokenizer, prompt, loaded.special_token_ids)))
+
+    def held(loads_ahead: bool) -> float:
+        core.loads_ahead = lambda: loads_ahead
+        started = time.monotonic()
+        core._hold_for_loads()
+        return time.monotonic() - started
+
+    assert held(False) < 0.05
+    assert HOLD_FOR_LOADS_S <= held(True) < HOLD_FOR_LOADS_S + 0.5  # waiting, nothing decoding
+    core.step()  # prefilled: from now on it decodes
+    assert core.scheduler.running and not core.scheduler.running[0].is_prefilling
+    assert held(True) < 0.05

@@ -26,6 +26,7 @@ OPTIONAL_FILES = ("chat_template.jinja", "tokenizer_config.json")
 
 class AdapterSource(ABC):
     name: str
+    remote = False  # fetch may download (seconds), rather than find files on a local disk
 
     @abstractmethod
     def fetch(self, adapter_id: str) -> Path:
@@ -112,6 +113,7 @@ class HubSource(AdapterSource):
     """"org/name" or "org/name@revision" through huggingface_hub."""
 
     name = "hub"
+    remote = True
 
     def fetch(self, adapter_id: str) -> Path:
         from huggingface_hub import snapshot_download
@@ -138,6 +140,7 @@ class S3Source(AdapterSource):
     """
 
     name = "s3"
+    remote = True
     CHUNK = 64 * 1024
 
     def __init__(self, cache_dir: Path, timeout_s: float = 300.0) -> None:

@@ -13,9 +13,12 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
+
+import torch
 
 from server.adapters.merge import MergeSpec, merge
 from server.adapters.sources import AdapterSource, HubSource, LocalSource, PbaseSource, S3Source
@@ -55,7 +58,14 @@ class AdapterStore:
         # the device still holds takes it back from there instead of reading the disk again
         self.device_copy: Callable[[AdapterKey], Optional[AdapterWeights]] = lambda key: None
         self._unloaded: set[AdapterKey] = set()  # unloaded on purpose: read again, never taken back
-        self._pool = ThreadPoolExecutor(config.load_workers, thread_name_prefix="adapter-loader")
+        # readies a fresh load for the device tier on the loader thread (set by the engine's builder)
+        self.prepare: Callable[[AdapterWeights], None] = lambda weights: None
+        # one OpenMP thread per worker: a load parses on the core it holds, and the engine's team
+        # shrinks by one while it does (busy_loaders, server.engine.cpu_threads)
+        self._pool = ThreadPoolExecutor(config.load_workers, thread_name_prefix="adapter-loader",
+                                        initializer=torch.set_num_threads, initargs=(1,))
+        self._parsing = 0
+        self._downloading = 0
         self.stats: Counter[str] = Counter()
 
     def key_for(self, adapter_id: str, source: Optional[str]) -> AdapterKey:
@@ -92,7 +102,9 @@ class AdapterStore:
     def get_merged(self, spec: MergeSpec) -> Future:
         """A Future of the merged adapter, built from its parts on a worker and cached by its spec."""
         def produce() -> AdapterWeights:
-            return merge(spec, [self._load_now(self.key_for(i, spec.source)) for i in spec.ids])
+            parts = [self._load_now(self.key_for(i, spec.source)) for i in spec.ids]
+            with self._on_cpu():
+                return merge(spec, parts)
 
         return self._get(spec.key, produce)
 
@@ -104,12 +116,48 @@ class AdapterStore:
         return self._load(key, lambda: self._read(key))
 
     def _read(self, key: AdapterKey) -> AdapterWeights:
-        return read_adapter(key, self.sources[key.source].fetch(key.id), self.arch)
+        source = self.sources[key.source]
+        with self._downloading_from(source):
+            directory = source.fetch(key.id)  # a download waits on the network, not a core
+        with self._on_cpu():
+            return read_adapter(key, directory, self.arch)
+
+    @contextmanager
+    def _on_cpu(self) -> Iterator[None]:
+        """Parsing or merging: counts as a busy loader."""
+        with self._lock:
+            self._parsing += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._parsing -= 1
+
+    @contextmanager
+    def _downloading_from(self, source: AdapterSource) -> Iterator[None]:
+        remote = int(source.remote)
+        with self._lock:
+            self._downloading += remote
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._downloading -= remote
+
+    def downloading(self) -> int:
+        """Loads waiting on the network (S3, the hub) right now."""
+        return self._downloading
+
+    def busy_loaders(self) -> int:
+        """Loads parsing or merging on a core right now (the engine leaves them one each)."""
+        return self._parsing
 
     def _load(self, key: AdapterKey, produce: Callable[[], AdapterWeights]) -> AdapterWeights:
         started = time.monotonic()
         try:
             weights = produce()
+            with self._on_cpu():
+                self.prepare(weights)
         except Exception:
             self.stats["load_failures"] += 1
             with self._lock:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import re
+import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -60,6 +62,9 @@ class AdapterWeights:
     chat_template: Optional[str] = None
     config: dict[str, Any] = field(default_factory=dict)
     serial: int = field(default_factory=lambda: next(_serials))  # this load's identity (KV prefix-cache keys)
+    # (dtype, rows in the device tier's packed layout), made on the loader thread and taken by the first
+    # activation, so the engine thread only copies them in (server.adapters.lora.ResidentAdapters.stage)
+    staged: Optional[tuple[torch.dtype, dict]] = field(default=None, repr=False)
 
     @property
     def size_bytes(self) -> int:
@@ -68,17 +73,6 @@ class AdapterWeights:
     @property
     def target_modules(self) -> list[str]:
         return sorted({name for _, name in self.modules})
-
-    def to_device(self, device: torch.device, dtype: torch.dtype) -> dict[tuple[int, str], LoraPair]:
-        """Pad each module to `rank` columns (zeros: exact) and move it to the device."""
-        out = {}
-        for key, (a, b) in self.modules.items():
-            pad = self.rank - a.shape[0]
-            if pad:
-                a = torch.cat([a, a.new_zeros(pad, a.shape[1])])
-                b = torch.cat([b, b.new_zeros(b.shape[0], pad)], dim=1)
-            out[key] = (a.to(device=device, dtype=dtype), b.to(device=device, dtype=dtype))
-        return out
 
 
 def projection_shapes(arch: ArchConfig) -> dict[str, tuple[int, int]]:
@@ -144,14 +138,59 @@ def _read_config(key: AdapterKey, directory: Path) -> dict[str, Any]:
     return config
 
 
+_FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 def _read_tensors(key: AdapterKey, directory: Path) -> dict[str, torch.Tensor]:
+    """The file's tensors, each checked to be finite floating point."""
     path = directory / "adapter_model.safetensors"
     if not path.is_file():
         raise AdapterNotFoundError(f"adapter {key} not found: no adapter_model.safetensors")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
+        read = _read_one_dtype(path)
+        tensors = read[0] if read is not None else load_file(str(path))
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise AdapterLoadError(f"adapter {key}: corrupt adapter_model.safetensors ({exc})") from None
+    # one sum over the whole buffer: a NaN or inf anywhere makes it non-finite (so does an overflow,
+    # which the check of each tensor that follows then clears), and names the weight
+    if read is None or not math.isfinite(float(read[1].sum())):
+        for name, tensor in tensors.items():
+            if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+                raise AdapterLoadError(f"adapter {key}: weight {name!r} is not finite floating point")
+    return tensors
+
+
+def _read_one_dtype(path: Path) -> Optional[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """A safetensors file whose tensors share one float dtype (what peft writes), read in one call
+    and viewed out of one buffer: (tensors, that buffer). A few hundred tensors then cost one read
+    and one finiteness check instead of an allocation and a check each (loads run beside decoding).
+    None for anything else, which safetensors itself reads."""
+    with path.open("rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        buffer = torch.empty(size, dtype=torch.uint8)  # untouched pages: the read fills them, the GIL released
+        if f.readinto(memoryview(buffer.numpy())) != size:
+            raise ValueError("short read")
+    (header_len,) = struct.unpack_from("<Q", buffer.numpy(), 0)
+    if 8 + header_len > size:
+        raise ValueError("header runs past the end of the file")
+    header = json.loads(buffer[8 : 8 + header_len].numpy().tobytes())
+    header.pop("__metadata__", None)
+    dtypes = {entry["dtype"] for entry in header.values()}
+    if len(dtypes) != 1 or (dtype := _FLOAT_DTYPES.get(dtypes.pop())) is None or (8 + header_len) % dtype.itemsize:
+        return None
+    item = dtype.itemsize
+    end = max(entry["data_offsets"][1] for entry in header.values())
+    if end % item or 8 + header_len + end > size:
+        raise ValueError("tensor data runs past the end of the file")
+    flat = buffer[8 + header_len : 8 + header_len + end].view(dtype)
+    tensors = {}
+    for name, entry in header.items():
+        begin, stop = entry["data_offsets"]
+        shape = [int(d) for d in entry["shape"]]
+        if not 0 <= begin <= stop <= end or begin % item or stop - begin != math.prod(shape) * item:
+            raise ValueError(f"tensor {name!r} has inconsistent offsets")
+        tensors[name] = flat[begin // item : stop // item].view(shape)
+    return tensors, flat
 
 
 def _pair_modules(key: AdapterKey, tensors: dict[str, torch.Tensor], config: dict[str, Any], arch: ArchConfig):
@@ -166,8 +205,6 @@ def _pair_modules(key: AdapterKey, tensors: dict[str, torch.Tensor], config: dic
         layer, proj, half = int(match.group(1)), match.group(2), match.group(3)
         if proj not in shapes or layer >= arch.num_layers:
             raise AdapterLoadError(f"adapter {key}: weight {name!r} targets a module the base model does not have")
-        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
-            raise AdapterLoadError(f"adapter {key}: weight {name!r} is not finite floating point")
         halves.setdefault((layer, proj), {})[half] = tensor.float()
     if not halves:
         raise AdapterLoadError(f"adapter {key}: no LoRA weights found")

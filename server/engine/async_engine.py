@@ -107,7 +107,8 @@ class AsyncEngine:
         self.engine, self.loaded, self.limits, self.store, self.guides = engine, loaded, limits, store, guides
         self._in_flight: set[Request] = set()
         self._preparing = 0  # admitted, still awaiting an adapter load or a schema compile
-        self.cpu_threads = torch.get_num_threads()  # as configured (built on the loader thread, after the setting)
+        self._arriving_cold = 0  # of those, the ones whose adapter was not loaded yet
+        engine.loads_ahead = self.loads_ahead
 
     @property
     def in_flight(self) -> int:
@@ -135,16 +136,29 @@ class AsyncEngine:
                 f"server is at max_concurrent_requests ({self.limits.max_concurrent_requests}); retry later"
             )
         self._preparing += 1  # holds its place while the adapter loads and the schema compiles
+        cold = False
         try:
-            adapter = await self.adapter(inp.adapter_id, inp.adapter_source, inp.merged_adapters)
+            loading = self._adapter_future(inp.adapter_id, inp.adapter_source, inp.merged_adapters)
+            cold = loading is not None and not loading.done()
+            self._arriving_cold += cold
+            adapter = await _shielded(loading) if loading is not None else None
             if adapter is not None and not self.engine.scheduler.adapters.can_ever_hold(adapter):
                 raise GenerationError(
                     f"adapter {adapter.key} needs {self.engine.scheduler.adapters.bytes_of(adapter) >> 20} MiB on "
                     f"the device, more than max_adapter_memory_mb ({self.limits.max_adapter_memory_mb})"
                 )
             guide = await self.guide(inp.response_format)
+            request, events = self._request(inp, prompt_ids, max_new, adapter, guide)
+            self._in_flight.add(request)
+            self.engine.submit(request)  # in the engine's inbox before it stops counting as arriving
         finally:
             self._preparing -= 1
+            self._arriving_cold -= cold
+        return RequestHandle(request, events, self)
+
+    def _request(self, inp: GenerationInput, prompt_ids: list[int], max_new: int,
+                 adapter: Optional[AdapterWeights],
+                 guide: Optional[GrammarGuide]) -> tuple[Request, asyncio.Queue[RequestEvent]]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[RequestEvent] = asyncio.Queue()
         request = Request(
@@ -159,9 +173,7 @@ class AsyncEngine:
             guide=guide,
             generator=_generator(inp.params, self.loaded.device),
         )
-        self._in_flight.add(request)
-        self.engine.submit(request)
-        return RequestHandle(request, events, self)
+        return request, events
 
     async def guide(self, response_format: Optional[dict]) -> Optional[GrammarGuide]:
         """A fresh grammar state for a constrained request, compiled off the engine loop."""
@@ -173,13 +185,23 @@ class AsyncEngine:
     async def adapter(self, adapter_id: Optional[str], source: Optional[str],
                       merged: Optional[dict] = None) -> Optional[AdapterWeights]:
         """The adapter's weights, loaded off the engine loop (None for the base model)."""
+        loading = self._adapter_future(adapter_id, source, merged)
+        return await _shielded(loading) if loading is not None else None
+
+    def _adapter_future(self, adapter_id: Optional[str], source: Optional[str],
+                        merged: Optional[dict]) -> Optional[Future]:
         if merged:
             if adapter_id:
                 raise ValidationError("give either adapter_id or merged_adapters, not both")
-            return await _shielded(self.store.get_merged(MergeSpec.parse(merged, source)))
+            return self.store.get_merged(MergeSpec.parse(merged, source))
         if not adapter_id or adapter_id == self.loaded.name:
             return None
-        return await _shielded(self.store.get(self.store.key_for(adapter_id, source)))
+        return self.store.get(self.store.key_for(adapter_id, source))
+
+    def loads_ahead(self) -> bool:
+        """Requests are waiting for adapter loads, none of them on a download: reads from disk take
+        tens of milliseconds, so the engine may let them arrive before it prefills."""
+        return self._arriving_cold > 0 and self.store.downloading() == 0
 
     def unload_adapter(self, key: AdapterKey) -> bool:
         """Drop an adapter from the CPU tier now and from the device once no running request uses
@@ -190,11 +212,11 @@ class AsyncEngine:
 
     def reserve_cpu_threads(self, reserved: int) -> None:
         """Leave `reserved` of the engine's CPU threads to other work (0 gives them back), from its
-        next step on. Set on the engine's own thread: OpenMP keeps the count per thread. A fine-tune
-        on the same cores is why: more threads than free cores makes every step wait on a
-        descheduled one (measured 50x slower inter-token latency)."""
-        threads = max(1, self.cpu_threads - reserved)
-        self.engine.call_soon(lambda: torch.set_num_threads(threads))
+        next step on (server.engine.cpu_threads). A fine-tune on the same cores is why: more
+        threads than free cores makes every step wait on a descheduled one (measured 50x slower
+        inter-token latency)."""
+        self.engine.cpu.reserved = reserved
+        self.engine.call_soon(lambda: None)  # wakes an idle loop, which applies it before its next step
 
     def _release(self, request: Request) -> None:
         if not request.is_finished:

@@ -16,6 +16,7 @@ from server.adapters.lora import ResidentAdapters
 from server.adapters.store import SOURCE_NAMES, AdapterStore, AdapterStoreConfig
 from server.config import AdapterConfig, Limits, ModelConfig, Settings
 from server.engine.async_engine import AsyncEngine
+from server.engine.cpu_threads import CpuThreads
 from server.engine.cuda_graphs import DecodeGraphs
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.engine import Engine
@@ -102,6 +103,13 @@ def build_kv_cache(settings: Settings, loaded: LoadedModel) -> KVCache | PagedKV
     return kv
 
 
+def preallocates_adapters(device: torch.device, budget_mb: int) -> bool:
+    """On CPU the adapter pool is made whole at start when its budget is a modest share of the
+    host's free memory (a budget set high to mean "no limit" grows by doubling instead)."""
+    free = available_host_memory()
+    return device.type == "cpu" and free is not None and budget_mb * 2**20 <= free // 4
+
+
 def available_host_memory() -> int | None:
     """MemAvailable from /proc/meminfo (Linux), in bytes; None where it can't be read."""
     try:
@@ -115,7 +123,8 @@ def _assemble(settings: Settings, loaded: LoadedModel, phases: PhaseLog) -> Asyn
     limits = settings.limits
     phases.enter(StartPhase.ALLOCATING_KV_CACHE)
     kv = build_kv_cache(settings, loaded)
-    resident = ResidentAdapters(loaded.model, limits.max_active_adapters, limits.max_adapter_memory_mb * 2**20)
+    resident = ResidentAdapters(loaded.model, limits.max_active_adapters, limits.max_adapter_memory_mb * 2**20,
+                                preallocate=preallocates_adapters(loaded.device, limits.max_adapter_memory_mb))
     budget = SchedulerBudget(limits.max_batch_size, limits.max_batch_total_tokens, limits.max_batch_prefill_tokens,
                              limits.max_queue_wait_s)
     graphs = None
@@ -126,6 +135,8 @@ def _assemble(settings: Settings, loaded: LoadedModel, phases: PhaseLog) -> Asyn
     engine = Engine(runner, Scheduler(budget, kv, resident, loaded.model.recomputes_at), loaded.eos_token_ids)
     store = AdapterStore(store_config(settings.adapters), loaded.model.config)
     store.device_copy = resident.resident
+    store.prepare = resident.stage
+    engine.cpu = CpuThreads(torch.get_num_threads(), store.busy_loaders, enabled=loaded.device.type == "cpu")
     if settings.adapters.preload_adapters:
         phases.enter(StartPhase.PRELOADING_ADAPTERS)
         preload(store, settings.adapters.preload_adapters)
