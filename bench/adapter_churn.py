@@ -25,8 +25,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.loadgen import run_scenario  # noqa: E402
 from bench.lora_mix import make_adapters  # noqa: E402
-from bench.throughput import machine, run_scenario, wait_for_quiet  # noqa: E402
+from bench.throughput import machine, wait_for_quiet  # noqa: E402
 from server.model.default_model import default_model_dir  # noqa: E402
 from tests.adapter_factory import variant_copy  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402

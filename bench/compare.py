@@ -33,10 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.loadgen import PROMPTS, StreamResult, percentile, summarize, wait_ready  # noqa: E402
 from bench.lora_mix import make_adapters, naive_peft_baseline  # noqa: E402
 from bench.structured import LONG_SCHEMA  # noqa: E402
 from bench.structured import PROMPT as JSON_PROMPT  # noqa: E402
-from bench.throughput import PROMPTS, StreamResult, machine, percentile, summarize  # noqa: E402
+from bench.throughput import machine  # noqa: E402
 from server.model.default_model import default_model_dir, loraserve_home  # noqa: E402
 from tests.conftest import ServerProcess, free_port, stop_process  # noqa: E402
 
@@ -150,20 +151,6 @@ class LoraserveInt8(Loraserve):
 
 
 PEERS = {"loraserve": Loraserve, "loraserve-int8": LoraserveInt8, "llama-server": LlamaServer, "vllm": Vllm}
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: server exited with {proc.returncode}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} not ready after {timeout} s")
 
 
 async def openai_stream(client: httpx.AsyncClient, body: dict) -> StreamResult:

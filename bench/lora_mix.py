@@ -23,44 +23,18 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.throughput import PROMPTS, machine, one_stream, run_scenario, summarize  # noqa: E402
+from bench.loadgen import PROMPTS, cold_load_itl, run_scenario  # noqa: E402
+from bench.throughput import machine  # noqa: E402
 from server.model.default_model import default_model_dir  # noqa: E402
 from tests.adapter_factory import AdapterSpec, make_peft_adapter  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
 
-STARTUP_GAPS = 8  # gaps while the streams themselves are still being prefilled are not steady state
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def make_adapters(root: Path, base: Path, names: list[str], rank: int) -> None:
     for i, name in enumerate(names):
         make_peft_adapter(base, root / name / "1", AdapterSpec(name, rank, 2 * rank, ALL_PROJECTIONS, seed=100 + i))
-
-
-async def cold_load_itl(url: str, resident: list[str], cold: list[str], streams: int, max_new: int) -> dict:
-    """ITL of `streams` running streams: alone; while requests for already-loaded adapters arrive; and
-    while the same number of requests for cold adapters arrive (each one a load from disk). Every
-    arrival costs a prefill either way, so cold vs warm arrivals isolates what loading costs."""
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        await asyncio.gather(*(one_stream(client, PROMPTS[0], 2, a) for a in resident))
-
-        async def running():
-            start = time.perf_counter()
-            results = await asyncio.gather(*(one_stream(client, PROMPTS[i % len(PROMPTS)], max_new,
-                                                        resident[i % len(resident)]) for i in range(streams)))
-            return summarize(streams, list(results), time.perf_counter() - start, skip_gaps=STARTUP_GAPS)
-
-        async def arrivals(names: list[str]):
-            await asyncio.sleep(1.0)
-            for name in names:  # one request after another while the streams decode
-                await one_stream(client, PROMPTS[1], 1, name)
-
-        steady = await running()
-        warm, _ = await asyncio.gather(running(), arrivals(resident[: len(cold)]))
-        loading, _ = await asyncio.gather(running(), arrivals(cold))
-    return {"steady": steady.__dict__, "warm_arrivals": warm.__dict__, "cold_arrivals": loading.__dict__,
-            "itl_p99_cold_vs_warm_arrivals": round(loading.itl_p99_ms / warm.itl_p99_ms, 3),
-            "itl_p99_cold_vs_steady": round(loading.itl_p99_ms / steady.itl_p99_ms, 3)}
 
 
 def naive_peft_baseline(base: Path, adapters_dir: Path, names: list[str], requests: int, max_new: int) -> dict:

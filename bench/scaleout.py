@@ -27,7 +27,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.throughput import machine, run_scenario  # noqa: E402
+from bench.loadgen import run_scenario  # noqa: E402
+from bench.throughput import machine  # noqa: E402
 from tests.conftest import ServerProcess, free_port  # noqa: E402
 
 ENGINE_FLAGS = ["--threads", "1", "--max-batch-size", "8", "--kv-cache-memory-mb", "256"]

@@ -26,7 +26,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.throughput import machine, run_scenario  # noqa: E402
+from bench.loadgen import run_scenario  # noqa: E402
+from bench.throughput import machine  # noqa: E402
 from server.model.default_model import DEFAULT_MODEL_NAME, default_model_dir  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
 

@@ -1,4 +1,5 @@
-"""The benchmark scripts stay runnable: the GPU decode benchmark on a tiny random model on CPU."""
+"""The benchmark scripts stay runnable: the GPU decode benchmark and the GPU node's end-to-end
+serving run (bench/gpu/run.sh), each on a tiny random model on CPU."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from bench import gpu_decode
+from bench import gpu_decode, gpu_serve
 
 
 def test_gpu_decode_runs_on_cpu_with_a_tiny_model(tmp_path):
@@ -22,3 +23,23 @@ def test_gpu_decode_runs_on_cpu_with_a_tiny_model(tmp_path):
         assert row["step_ms"] > 0 and row["floor_ms"] > 0
         assert row["tokens_per_s"] == pytest.approx(row["batch"] * 1000 / row["step_ms"])
     assert saved["copy_bandwidth_gb_s"] > 0
+
+
+def test_the_gpu_serving_run_works_cpu_sized(tmp_path):
+    """bench/gpu_serve.py end to end on CPU: a random checkpoint whose vocabulary is larger than its
+    tokenizer's, random adapters, the real server, every scenario, no request failing."""
+    out = tmp_path / "serve.json"
+    report = gpu_serve.main(["--shape", "tiny-serve", "--dir", str(tmp_path / "ckpt"), "--device", "cpu",
+                             "--concurrency", "1", "8", "--max-new-tokens", "12", "--adapters", "3", "--cold", "2",
+                             "--rank", "4", "--json-streams", "4", "--churn-streams", "3", "--out", str(out)])
+    assert json.loads(out.read_text())["scenarios"] == report["scenarios"]
+    assert report["skipped"] == []
+    assert set(report["scenarios"]) == {"base-1", "mixed3-1", "base-8", "mixed3-8", "zipf3-8", "plain-4",
+                                        "json-half-4", "cold-churn"}
+    for name, scenario in report["scenarios"].items():
+        parts = ("steady", "warm_arrivals", "cold_arrivals")
+        for run in [scenario[k] for k in parts] if name == "cold-churn" else [scenario]:
+            assert run["errors"] == 0 and run["tokens"] > 0, (name, run)
+    assert report["scenarios"]["base-8"]["tokens"] == 8 * 12  # every token counts, texts or not
+    assert set(report["ratios"]) == {"mixed3_vs_base_at_8", "json_half_vs_plain_at_4",
+                                     "cold_loads_itl_p99_vs_warm_arrivals"}
