@@ -450,7 +450,7 @@ class ResidentAdapters:
     def _pack_together(self, step: set[AdapterWeights]) -> None:
         """Keep the step's adapters side by side, so its masked window spans only them: a window
         over 32 adapters scattered among 64 resident reads twice the columns it needs (bf16 CPU:
-        1,254 us per layer against 708 packed, bench/lora_op.py). When the step's adapters (all
+        1,339 us per layer against 685 packed, bench/lora_op.py). When the step's adapters (all
         as wide) spread over more than their own width plus SPREAD_SLACK slots, each one outside
         the lowest ranges of that width trades places with an adapter this step does not use.
         Batches change slowly, so this runs when an adapter joins, not every step."""
