@@ -187,7 +187,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         args.tokenizer = default_model_dir()
     model_dir = write_checkpoint(args.shape, args.dir or Path(f"/tmp/ckpt-{args.shape}"), args.tokenizer)
     warm, cold = [f"w{i}" for i in range(args.adapters)], [f"c{i}" for i in range(args.cold)]
-    adapters_dir = model_dir.parent / f"{model_dir.name}-adapters"
+    adapters_dir = model_dir.parent / f"{model_dir.name}-adapters-r{args.rank}"
     write_adapters(model_dir, adapters_dir, warm + cold, args.rank)
     prepared_s = time.monotonic() - started
     server = Server(model_dir, adapters_dir, args.device, out.with_suffix(".log"), args.server_arg)

@@ -60,6 +60,8 @@ async def one_stream(client: httpx.AsyncClient, prompt: str, max_new_tokens: int
             if response.status_code != 200:
                 return StreamResult(0, 0, [], 0, f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
             async for line in response.aiter_lines():
+                if line.startswith("data:") and line[5:].lstrip().startswith('{"error"'):  # failed mid-stream
+                    return StreamResult(len(stamps), 0, [], 0, line[5:].strip()[:200])
                 if line.startswith("data:"):
                     stamps.append(time.perf_counter())
     except httpx.HTTPError as exc:

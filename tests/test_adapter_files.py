@@ -100,13 +100,33 @@ def rewrite_header(path: Path, edit) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
 
 
+def first(h: dict) -> dict:
+    return h[min((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])]
+
+
+def second(h: dict) -> dict:
+    return h[sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])[1]]
+
+
 @pytest.mark.parametrize("edit", [
-    lambda h: h[next(k for k in h if k != "__metadata__")].update(data_offsets=[0, 10**12]),  # past the end
-    lambda h: h[next(k for k in h if k != "__metadata__")].update(shape=[3, 3]),  # size disagrees with shape
+    lambda h: first(h).update(data_offsets=[0, 10**12]),  # past the end
+    lambda h: first(h).update(shape=[3, 3]),  # size disagrees with shape
+    lambda h: first(h).update(shape=[-2, -first(h)["shape"][0] * first(h)["shape"][1] // 2]),  # negative sizes
+    lambda h: second(h).update(data_offsets=first(h)["data_offsets"]),  # two tensors on the same bytes
+    lambda h: first(h).update(dtype="I64"),  # not a float: read by safetensors, refused as not floating point
 ])
 def test_inconsistent_headers_are_corrupt(source, tmp_path, loaded, edit):
     broken = copy_with(source, tmp_path / "broken", lambda t: t)
     rewrite_header(broken / "adapter_model.safetensors", edit)
+    with pytest.raises(AdapterLoadError, match="corrupt adapter_model.safetensors|is not finite floating point"):
+        read_adapter(KEY, broken, loaded.model.config)
+
+
+def test_a_header_that_is_not_a_table_is_corrupt(source, tmp_path, loaded):
+    broken = copy_with(source, tmp_path / "list", lambda t: t)
+    raw = b"[1, 2, 3]     "
+    data = (broken / "adapter_model.safetensors").read_bytes()
+    (broken / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + data[8:])
     with pytest.raises(AdapterLoadError, match="corrupt adapter_model.safetensors"):
         read_adapter(KEY, broken, loaded.model.config)
 

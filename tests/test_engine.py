@@ -187,3 +187,40 @@ def test_a_dead_engine_loop_fails_everyone_and_reports_not_alive(make_engine):
             await engine.submit(greedy(PROMPTS[0], 5))
 
     run(refused())
+
+
+def test_the_engine_thread_takes_its_share_of_threads_whatever_a_loader_set():
+    """A thread starts with the count the last thread to set one left (a loader sets 1), so the
+    engine's first step sets its own; then one fewer per busy loader and per reserved thread."""
+    import threading
+
+    import torch
+
+    from server.engine.cpu_threads import CpuThreads
+
+    def in_thread(fn):
+        thread = threading.Thread(target=fn)
+        thread.start()
+        thread.join()
+
+    original = torch.get_num_threads()
+    busy, seen = [0], {}
+
+    def engine():
+        cpu = CpuThreads(2, busy_loaders=lambda: busy[0])
+        seen["start"] = torch.get_num_threads()
+        cpu.apply()
+        seen["applied"] = torch.get_num_threads()
+        busy[0] = 1
+        cpu.apply()
+        seen["loading"] = torch.get_num_threads()
+        busy[0], cpu.reserved = 0, 1
+        cpu.apply()
+        seen["reserved"] = torch.get_num_threads()
+
+    try:
+        in_thread(lambda: torch.set_num_threads(1))  # what a loader thread does
+        in_thread(engine)
+    finally:
+        in_thread(lambda: torch.set_num_threads(original))
+    assert seen == {"start": 1, "applied": 2, "loading": 1, "reserved": 1}

@@ -23,7 +23,7 @@ from server.model.decoder import CausalLM
 from server.model.layers import LoraTarget
 
 SLOT_COLUMNS = 8  # packed columns are allocated in slots this wide, so a rank-8 adapter is one slot
-SPREAD_SLACK = 2  # slots a step's adapters may spread beyond their own before they are packed together
+SPREAD_SLACK = 2  # adapters' widths a step's adapters may spread beyond their own before they are packed
 Range = tuple[int, int]  # an adapter's packed columns [lo, hi)
 Ranges = tuple[Optional[Range], ...]  # per sequence; None: the base model
 
@@ -337,6 +337,7 @@ class ResidentAdapters:
         features = sum(m.in_features + m.out_features for m in self.projections.values())
         self._column_bytes = features * self.dtype.itemsize
         self.capacity = 0
+        self.preallocated = preallocate
         if preallocate:
             self._grow_to(self._budget_columns())  # the whole pool now, at start-up, like the KV pool
         self.loads = 0
@@ -407,7 +408,8 @@ class ResidentAdapters:
         small: a CUDA graph's window spans the whole capacity, so it is kept near what is in use."""
         if columns <= self.capacity:
             return
-        new_capacity = max(columns, 2 * self.capacity, 16)
+        # past a preallocated pool only when its holes are too fragmented for a wider adapter: by that much
+        new_capacity = columns + 4 * SLOT_COLUMNS if self.preallocated else max(columns, 2 * self.capacity, 16)
         for module in self.projections.values():
             a = torch.zeros(new_capacity, module.in_features, device=self.device, dtype=self.dtype)  # [cols, in]
             b_t = torch.zeros(new_capacity, module.out_features, device=self.device, dtype=self.dtype)  # [cols, out]
@@ -451,9 +453,9 @@ class ResidentAdapters:
         """Keep the step's adapters side by side, so its masked window spans only them: a window
         over 32 adapters scattered among 64 resident reads twice the columns it needs (bf16 CPU:
         1,339 us per layer against 685 packed, bench/lora_op.py). When the step's adapters (all
-        as wide) spread over more than their own width plus SPREAD_SLACK slots, each one outside
+        as wide) spread over more than their own width plus SPREAD_SLACK more, each one outside
         the lowest ranges of that width trades places with an adapter this step does not use.
-        Batches change slowly, so this runs when an adapter joins, not every step."""
+        Checked every step; batches change slowly, so it moves columns only when one joins."""
         widths = {self._columns[a][1] - self._columns[a][0] for a in step}
         if len(step) < 2 or len(widths) != 1:
             return

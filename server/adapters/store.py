@@ -113,7 +113,7 @@ class AdapterStore:
         with self._lock:
             if key in self._cpu:
                 return self._cpu[key]
-        return self._load(key, lambda: self._read(key))
+        return self._load(key, lambda: self._read(key), served=False)
 
     def _read(self, key: AdapterKey) -> AdapterWeights:
         source = self.sources[key.source]
@@ -152,12 +152,14 @@ class AdapterStore:
         """Loads parsing or merging on a core right now (the engine leaves them one each)."""
         return self._parsing
 
-    def _load(self, key: AdapterKey, produce: Callable[[], AdapterWeights]) -> AdapterWeights:
+    def _load(self, key: AdapterKey, produce: Callable[[], AdapterWeights], served: bool = True) -> AdapterWeights:
+        """`served`: the adapter itself will be activated (not a part of a merge), so it is staged."""
         started = time.monotonic()
         try:
             weights = produce()
-            with self._on_cpu():
-                self.prepare(weights)
+            if served:
+                with self._on_cpu():
+                    self.prepare(weights)
         except Exception:
             self.stats["load_failures"] += 1
             with self._lock:

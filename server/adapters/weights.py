@@ -174,6 +174,8 @@ def _read_one_dtype(path: Path) -> Optional[tuple[dict[str, torch.Tensor], torch
     if 8 + header_len > size:
         raise ValueError("header runs past the end of the file")
     header = json.loads(buffer[8 : 8 + header_len].numpy().tobytes())
+    if not isinstance(header, dict) or not all(isinstance(e, dict) for k, e in header.items() if k != "__metadata__"):
+        raise ValueError("the header is not a table of tensors")
     header.pop("__metadata__", None)
     dtypes = {entry["dtype"] for entry in header.values()}
     if len(dtypes) != 1 or (dtype := _FLOAT_DTYPES.get(dtypes.pop())) is None or (8 + header_len) % dtype.itemsize:
@@ -183,13 +185,15 @@ def _read_one_dtype(path: Path) -> Optional[tuple[dict[str, torch.Tensor], torch
     if end % item or 8 + header_len + end > size:
         raise ValueError("tensor data runs past the end of the file")
     flat = buffer[8 + header_len : 8 + header_len + end].view(dtype)
-    tensors = {}
-    for name, entry in header.items():
-        begin, stop = entry["data_offsets"]
+    tensors, covered = {}, 0
+    for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+        begin, stop = (int(o) for o in entry["data_offsets"])
         shape = [int(d) for d in entry["shape"]]
-        if not 0 <= begin <= stop <= end or begin % item or stop - begin != math.prod(shape) * item:
+        # laid end to end, each as long as its shape says (what safetensors itself checks)
+        if begin != covered or min(shape, default=0) < 0 or stop - begin != math.prod(shape) * item:
             raise ValueError(f"tensor {name!r} has inconsistent offsets")
         tensors[name] = flat[begin // item : stop // item].view(shape)
+        covered = stop
     return tensors, flat
 
 
@@ -205,7 +209,8 @@ def _pair_modules(key: AdapterKey, tensors: dict[str, torch.Tensor], config: dic
         layer, proj, half = int(match.group(1)), match.group(2), match.group(3)
         if proj not in shapes or layer >= arch.num_layers:
             raise AdapterLoadError(f"adapter {key}: weight {name!r} targets a module the base model does not have")
-        halves.setdefault((layer, proj), {})[half] = tensor.float()
+        # a copy for A (B gets scaled into one): a view would keep the whole file's buffer alive
+        halves.setdefault((layer, proj), {})[half] = tensor.to(torch.float32, copy=half == "A")
     if not halves:
         raise AdapterLoadError(f"adapter {key}: no LoRA weights found")
     return {k: _check_pair(key, k, h, shapes[k[1]], config) for k, h in halves.items()}

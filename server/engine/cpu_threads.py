@@ -22,7 +22,9 @@ class CpuThreads:
         self.busy_loaders = busy_loaders  # adapter loads on CPU right now (the store's count)
         self.enabled = enabled
         self.reserved = 0  # threads left to long-running work beside the engine
-        self.current = configured
+        # None until the engine thread's first step sets its count: a thread starts with whatever
+        # count the last thread to set one left (a loader's 1), not with the configured one
+        self.current: int | None = None
 
     def wanted(self) -> int:
         return max(1, self.configured - self.reserved - self.busy_loaders())

@@ -93,15 +93,16 @@ class Engine:
         self._inbox.put(fn)
 
     def _hold_for_loads(self) -> None:
-        """With no stream decoding, wait (up to HOLD_FOR_LOADS_S) while requests wait on adapters
+        """With nothing running, wait (up to HOLD_FOR_LOADS_S) while requests wait on adapters
         being read from disk, then prefill them together. A burst of cold adapters otherwise
         becomes a prefill step per load as each finishes: ten small steps instead of one, each
         taking the cores and memory bandwidth the remaining loads need (measured: loads 3-10x
-        slower, the last first token 2x later). Never while a stream decodes (its tokens wait for
-        no one's load) and never for a download (seconds, not milliseconds)."""
+        slower, the last first token 2x later). Never while anything runs (a decoding stream, a
+        prompt part-way through its chunks: neither waits for anyone's load), so at most once
+        per idle spell, and never for a download (seconds, not milliseconds)."""
         deadline = time.monotonic() + HOLD_FOR_LOADS_S
-        while (self.scheduler.num_requests and self.loads_ahead() and not self._stop.is_set()
-               and not any(not r.is_prefilling for r in self.scheduler.running)):
+        while (self.scheduler.num_requests and not self.scheduler.running and self.loads_ahead()
+               and not self._stop.is_set()):
             left = deadline - time.monotonic()
             if left <= 0:
                 return
