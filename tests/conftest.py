@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import socket
@@ -49,6 +50,8 @@ def make_engine(loaded: LoadedModel):
     yield make
     for engine in engines:
         engine.engine.stop()
+    engines.clear()
+    gc.collect()  # each engine holds a KV pool (and maybe an adapter pool) of ~1 GB: free them now
 
 
 def greedy(prompt: str, max_new_tokens: int = 16, **kw) -> GenerationInput:

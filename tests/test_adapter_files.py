@@ -169,3 +169,18 @@ def test_activation_takes_the_staged_rows_once(adapter_root, loaded):
     target = tier.projections[(layer, proj)]
     lo, r = tier._columns[adapter][0], a.shape[0]
     assert torch.equal(target.lora.a[lo : lo + r], a) and torch.equal(target.lora.b_t[lo : lo + r], b.t())
+
+
+def test_a_preallocated_pool_is_made_whole_at_the_first_activation(adapter_root, loaded):
+    """Nothing before an adapter is used; the whole budget at the first activation; no growth after."""
+    import copy
+
+    model = copy.deepcopy(loaded.model)
+    tier = ResidentAdapters(model, 0, 64 * 2**20, preallocate=True)
+    assert tier.capacity == 0
+    first, second = (read_adapter(AdapterKey("local", f"{s.name}/1"), adapter_root / s.name / "1", loaded.model.config)
+                     for s in SPECS[:2])
+    assert tier.activate(first, set())
+    budget = tier.capacity
+    assert budget * tier._column_bytes <= 64 * 2**20 < (budget + 8) * tier._column_bytes
+    assert tier.activate(second, set()) and tier.capacity == budget

@@ -338,8 +338,6 @@ class ResidentAdapters:
         self._column_bytes = features * self.dtype.itemsize
         self.capacity = 0
         self.preallocated = preallocate
-        if preallocate:
-            self._grow_to(self._budget_columns())  # the whole pool now, at start-up, like the KV pool
         self.loads = 0
         self.evictions = 0
         self.relocations = 0  # adapters moved next to the rest of their batch (_pack_together)
@@ -400,16 +398,18 @@ class ResidentAdapters:
             self.active.append(adapter)
 
     def _grow_to(self, columns: int) -> None:
-        """Room for `columns` packed columns: new buffers of at least double the size, zeroed, the
-        old columns copied in. With `preallocate` (the builder's choice on CPU) the buffers are
-        made once at start, as large as the budget allows (a pool sized in bytes, like the KV pool
-        beside it), so no activation waits for a regrowth or pays first-touch page faults
-        (measured: 1.6 ms an activation against 14 in untouched buffers). Elsewhere they start
-        small: a CUDA graph's window spans the whole capacity, so it is kept near what is in use."""
+        """Room for `columns` packed columns: new buffers, zeroed, the old columns copied in. With
+        `preallocate` (the builder's choice on CPU) the first activation makes the whole pool the
+        budget allows, so no later one waits for a regrowth or pays first-touch page faults
+        (measured: 1.6 ms an activation against 14 in untouched buffers); past it only by the
+        fragment a wider adapter lacks among the holes. Otherwise the buffers start small and
+        double: a CUDA graph's window spans the whole capacity, so it is kept near what is in use."""
         if columns <= self.capacity:
             return
-        # past a preallocated pool only when its holes are too fragmented for a wider adapter: by that much
-        new_capacity = columns + 4 * SLOT_COLUMNS if self.preallocated else max(columns, 2 * self.capacity, 16)
+        if self.preallocated:
+            new_capacity = max(columns, self._budget_columns()) if not self.capacity else columns + 4 * SLOT_COLUMNS
+        else:
+            new_capacity = max(columns, 2 * self.capacity, 16)
         for module in self.projections.values():
             a = torch.zeros(new_capacity, module.in_features, device=self.device, dtype=self.dtype)  # [cols, in]
             b_t = torch.zeros(new_capacity, module.out_features, device=self.device, dtype=self.dtype)  # [cols, out]

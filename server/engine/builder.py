@@ -104,8 +104,8 @@ def build_kv_cache(settings: Settings, loaded: LoadedModel) -> KVCache | PagedKV
 
 
 def preallocates_adapters(device: torch.device, budget_mb: int) -> bool:
-    """On CPU the adapter pool is made whole at start when its budget is a modest share of the
-    host's free memory (a budget set high to mean "no limit" grows by doubling instead)."""
+    """On CPU the adapter pool is made whole at the first activation when its budget is a modest
+    share of the host's free memory (a budget set high to mean "no limit" grows by doubling)."""
     free = available_host_memory()
     return device.type == "cpu" and free is not None and budget_mb * 2**20 <= free // 4
 
