@@ -25,7 +25,7 @@ from server.metrics import BATCH_SIZE, GENERATED_TOKENS, ITL_SECONDS, STEP_SECON
 
 log = logging.getLogger(__name__)
 
-HOLD_FOR_LOADS_S = 0.5  # the longest an idle engine waits for requests whose adapters are being read
+HOLD_FOR_LOADS_S = 1.0  # the longest an idle engine waits for requests whose adapters are being read
 
 
 class Engine:
