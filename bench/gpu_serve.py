@@ -44,15 +44,19 @@ NOTES_SCHEMA = {"type": "object", "required": ["title", "notes"],
 JSON_FORMAT = {"type": "json_object", "schema": NOTES_SCHEMA}
 
 
-def write_checkpoint(shape: str, out: Path, tokenizer_dir: Path) -> Path:
-    """Random bf16 weights (transformers' own initialisation) in shards, with the given tokenizer."""
+def write_checkpoint(shape: str, out: Path, tokenizer_dir: Path, device: str) -> Path:
+    """Random bf16 weights (transformers' own initialisation, drawn on `device`: seconds on a GPU
+    for 8B parameters) in shards, with the given tokenizer."""
     if (out / "config.json").is_file():
         return out
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     torch.manual_seed(0)
     config = CONFIG_MAPPING[SHAPES[shape]["model_type"]](**SHAPES[shape])
-    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(out, max_shard_size="5GB")
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="5GB")
+    del model
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / name, out / name)
     return out
@@ -185,7 +189,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if args.tokenizer is None:
         from server.model.default_model import default_model_dir
         args.tokenizer = default_model_dir()
-    model_dir = write_checkpoint(args.shape, args.dir or Path(f"/tmp/ckpt-{args.shape}"), args.tokenizer)
+    model_dir = write_checkpoint(args.shape, args.dir or Path(f"/tmp/ckpt-{args.shape}"), args.tokenizer, args.device)
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # the server process needs the memory the writer drew the weights in
     warm, cold = [f"w{i}" for i in range(args.adapters)], [f"c{i}" for i in range(args.cold)]
     adapters_dir = model_dir.parent / f"{model_dir.name}-adapters-r{args.rank}"
     write_adapters(model_dir, adapters_dir, warm + cold, args.rank)
