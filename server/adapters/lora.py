@@ -317,8 +317,9 @@ class ResidentAdapters:
 
     Each projection owns two buffers (A rows, B^T rows) with one column range (whole slots) per
     resident adapter. Activating writes only the new adapter's columns (zeros where it has no
-    weights, so a reused range never leaks an evicted adapter); evicting frees the range. Buffers
-    grow by doubling.
+    weights, so a reused range never leaks an evicted adapter); evicting frees the range. On CPU
+    a step's adapters are kept side by side (`_pack_together`), and the buffers are made whole at
+    the first activation when `preallocate`; otherwise they grow by doubling (`_grow_to`).
     """
 
     def __init__(self, model: CausalLM, max_active: int, max_bytes: int, preallocate: bool = False) -> None:

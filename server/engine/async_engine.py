@@ -108,7 +108,6 @@ class AsyncEngine:
         self._in_flight: set[Request] = set()
         self._preparing = 0  # admitted, still awaiting an adapter load or a schema compile
         self._arriving_cold = 0  # of those, the ones whose adapter was not loaded yet
-        engine.loads_ahead = self.loads_ahead
 
     @property
     def in_flight(self) -> int:

@@ -143,7 +143,9 @@ def _assemble(settings: Settings, loaded: LoadedModel, phases: PhaseLog) -> Asyn
     phases.enter(StartPhase.WARMING_UP)
     warm_up(engine, loaded)
     guides = GuideFactory(loaded.tokenizer, loaded.eos_token_ids, limits.max_cached_schemas)
-    return AsyncEngine(engine, loaded, limits, store, guides)
+    async_engine = AsyncEngine(engine, loaded, limits, store, guides)
+    engine.loads_ahead = async_engine.loads_ahead
+    return async_engine
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

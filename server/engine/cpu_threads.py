@@ -5,8 +5,9 @@ op's barrier for its slowest member, so one core taken by other work (an adapter
 fine-tune) turns a 20 ms step into a second (measured: 18 ms -> 980 ms with two adapter loads
 running beside a 2-thread engine on 2 cores). So the team shrinks while others hold cores:
 `reserved` threads for long-running work (training), and one per adapter load being parsed right
-now. Set on the engine thread before each step (OpenMP keeps the count per thread); on other
-devices the count is left alone.
+now. Set on the engine thread before each step: the count is per thread, and a new thread starts
+with the count the last one set (a loader's 1), so the first step always sets it. On other devices
+the count is left alone.
 """
 
 from __future__ import annotations
