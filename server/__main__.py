@@ -167,7 +167,7 @@ def serve(settings: Settings, sock: socket.socket, log_level: str) -> int:
     import uvicorn
 
     from server.api.app import create_app
-    from server.engine.builder import build_engine
+    from server.engine.builder import build_serving_engine
 
     failures: list[Exception] = []
 
@@ -175,7 +175,7 @@ def serve(settings: Settings, sock: socket.socket, log_level: str) -> int:
         failures.append(exc)
         server.should_exit = True  # uvicorn checks it every 0.1 s, then shuts down as on SIGTERM
 
-    app = create_app(settings, build_engine, on_load_failure=stop_serving)
+    app = create_app(settings, build_serving_engine, on_load_failure=stop_serving)
     server = uvicorn.Server(uvicorn.Config(
         app, host=settings.http.host, port=settings.http.port, log_level=log_level,
         timeout_graceful_shutdown=settings.http.shutdown_grace_s,

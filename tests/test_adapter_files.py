@@ -1,5 +1,6 @@
-"""Reading a peft adapter file: the one-buffer read equals safetensors' own, and damaged files are
-refused by name. (Serving equal to peft is tests/test_adapters.py.)"""
+"""Reading a peft adapter file: the one-buffer read equals safetensors' own, the factors come out in
+the serving dtype with the scale folded in, and damaged files are refused by name. (Serving equal to
+peft is tests/test_adapters.py.)"""
 
 import json
 import struct
@@ -9,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from server.adapters.lora import ResidentAdapters, packed_rows, slot_width
-from server.adapters.weights import AdapterKey, AdapterLoadError, read_adapter
+from server.adapters.lora import ResidentAdapters, slot_width
+from server.adapters.weights import AdapterKey, AdapterLoadError, ReadBuffer, read_adapter
 from tests.adapter_factory import SPECS
 
 KEY = AdapterKey("local", "under-test/1")
@@ -64,11 +65,15 @@ def test_mixed_dtypes_go_through_safetensors_and_read_the_same(source, tmp_path,
 def test_the_one_buffer_read_equals_safetensors(source, loaded):
     from server.adapters.weights import _read_one_dtype
 
-    read = _read_one_dtype(source / "adapter_model.safetensors")
+    read = _read_one_dtype(source / "adapter_model.safetensors", ReadBuffer())
     assert read is not None
     want = load_file(str(source / "adapter_model.safetensors"))
-    assert read[0].keys() == want.keys()
-    assert all(torch.equal(read[0][k], want[k]) for k in want)
+    assert read.shapes.keys() == want.keys()
+    assert all(torch.equal(read.tensor(k), want[k]) for k in want)
+    q_a = sorted((k for k in want if "q_proj.lora_A" in k), key=lambda k: read.offsets[k])
+    stacked = read.stacked(q_a)  # peft's layout: one strided view of the buffer, no copy
+    assert stacked is not None and stacked.data_ptr() == read.tensor(q_a[0]).data_ptr()
+    assert torch.equal(stacked, torch.stack([want[k] for k in q_a]))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -138,37 +143,85 @@ def test_a_file_too_short_for_its_header_is_corrupt(source, tmp_path, loaded):
         read_adapter(KEY, broken, loaded.model.config)
 
 
-def test_staged_rows_are_the_modules_in_the_packed_layout(adapter_root, loaded):
-    """What the loader thread stages is what activation used to compute: A rows, B^T rows, zero
-    padding to whole slots, in the tier's dtype."""
+def expected_modules(directory: Path, scale: float, dtype: torch.dtype) -> dict:
+    """From safetensors and the spec: (A, B * alpha / r) per (layer, projection), rounded once to dtype."""
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    out = {}
+    for name, a in tensors.items():
+        if ".lora_A." in name:
+            layer, proj = int(name.split("layers.")[1].split(".")[0]), name.split(".lora_A")[0].rsplit(".", 1)[1]
+            out[(layer, proj)] = (a.to(dtype), (tensors[name.replace("lora_A", "lora_B")] * scale).to(dtype))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_factors_are_the_file_scaled_in_the_serving_dtype(adapter_root, loaded, dtype):
     for spec in SPECS:
-        adapter = read_adapter(KEY, adapter_root / spec.name / "1", loaded.model.config)
-        width = slot_width(adapter.rank)
-        for dtype in (torch.float32, torch.bfloat16):
-            rows = packed_rows(adapter, dtype)
-            assert rows.keys() == adapter.modules.keys()
-            for key, (a, b) in adapter.modules.items():
-                a_rows, b_rows = rows[key]
-                r = a.shape[0]
-                assert a_rows.shape == (width, a.shape[1]) and b_rows.shape == (width, b.shape[0])
-                assert torch.equal(a_rows[:r], a.to(dtype)) and torch.equal(b_rows[:r], b.t().to(dtype))
-                assert not a_rows[r:].any() and not b_rows[r:].any()
+        directory = adapter_root / spec.name / "1"
+        adapter = read_adapter(KEY, directory, loaded.model.config, dtype)
+        want = expected_modules(directory, spec.alpha / spec.rank, dtype)
+        assert adapter.modules.keys() == want.keys() and adapter.rank == spec.rank
+        for key, (a, b) in adapter.modules.items():
+            assert a.dtype == b.dtype == dtype
+            assert torch.equal(a, want[key][0]) and torch.equal(b, want[key][1]), key
 
 
-def test_activation_takes_the_staged_rows_once(adapter_root, loaded):
+def test_unevenly_laid_out_files_are_read_tensor_by_tensor_to_the_same_values(adapter_root, tmp_path, loaded):
+    """One layer at a lower rank (peft's rank_pattern) breaks the even spacing of the others: the
+    strided view is refused and each tensor is copied on its own, to the same values."""
+    source = adapter_root / SPECS[1].name / "1"
+    low = 16
+
+    def lower_layer_5(tensors):
+        return {k: (v[:low] if ".lora_A." in k else v[:, :low]).contiguous() if "layers.5." in k else v
+                for k, v in tensors.items()}
+
+    uneven = copy_with(source, tmp_path / "uneven", lower_layer_5)
+    read = read_adapter(KEY, uneven, loaded.model.config)
+    from server.adapters.weights import _read_one_dtype
+
+    tensors = _read_one_dtype(uneven / "adapter_model.safetensors", ReadBuffer())
+    q_a = sorted((k for k in tensors.shapes if "q_proj.lora_A" in k and "layers.5." not in k),
+                 key=lambda k: tensors.offsets[k])
+    assert tensors.stacked(q_a) is None
+    full, lowered = expected_modules(uneven, SPECS[1].alpha / SPECS[1].rank, torch.float32), \
+        expected_modules(uneven, SPECS[1].alpha / low, torch.float32)
+    for key, (a, b) in read.modules.items():
+        want = lowered[key] if key[0] == 5 else full[key]
+        assert torch.equal(a, want[0]) and torch.equal(b, want[1]), key
+
+
+def test_a_reused_buffer_leaves_nothing_shared_with_what_it_read(adapter_root, loaded):
+    """The loader's buffer is overwritten by its next read: what an earlier read returned must not
+    view it, even where the file's dtype is the serving dtype (no conversion)."""
+    buffer = ReadBuffer()
+    first = read_adapter(KEY, adapter_root / SPECS[0].name / "1", loaded.model.config, torch.float32, buffer)
+    kept = {k: (a.clone(), b.clone()) for k, (a, b) in first.modules.items()}
+    read_adapter(KEY, adapter_root / SPECS[1].name / "1", loaded.model.config, torch.float32, buffer)
+    assert all(torch.equal(a, kept[k][0]) and torch.equal(b, kept[k][1]) for k, (a, b) in first.modules.items())
+
+
+def test_activation_writes_the_factors_and_zeros_past_the_rank(adapter_root, loaded):
+    """A rows and B^T rows in the adapter's columns; a narrower adapter reusing a wider one's
+    columns leaves zeros past its rank, and zeros in projections it does not target."""
     import copy
 
     model = copy.deepcopy(loaded.model)
-    tier = ResidentAdapters(model, 0, 2**30)
-    adapter = read_adapter(KEY, adapter_root / SPECS[0].name / "1", loaded.model.config)
-    tier.stage(adapter)
-    assert adapter.staged is not None
-    assert tier.activate(adapter, set())
-    assert adapter.staged is None
-    (layer, proj), (a, b) = next(iter(adapter.modules.items()))
-    target = tier.projections[(layer, proj)]
-    lo, r = tier._columns[adapter][0], a.shape[0]
-    assert torch.equal(target.lora.a[lo : lo + r], a) and torch.equal(target.lora.b_t[lo : lo + r], b.t())
+    tier = ResidentAdapters(model, 1, 2**30)  # one resident: the second reuses the first's columns
+    wide = read_adapter(KEY, adapter_root / SPECS[1].name / "1", loaded.model.config, torch.float32)
+    assert tier.activate(wide, set())
+    narrow = read_adapter(AdapterKey("local", "narrow/1"), adapter_root / SPECS[0].name / "1",
+                          loaded.model.config, torch.float32)
+    assert tier.activate(narrow, set()) and not tier.is_active(wide)
+    lo, hi = tier._columns[narrow]
+    assert lo == 0 and hi == slot_width(SPECS[0].rank)
+    for key, target in tier.projections.items():
+        a_rows, b_rows = target.lora.a[: slot_width(SPECS[1].rank)], target.lora.b_t[: slot_width(SPECS[1].rank)]
+        pair = narrow.modules.get(key)
+        r = 0 if pair is None else pair[0].shape[0]
+        if pair is not None:
+            assert torch.equal(a_rows[:r], pair[0]) and torch.equal(b_rows[:r], pair[1].t())
+        assert not a_rows[r:hi].any() and not b_rows[r:hi].any(), key
 
 
 def test_a_preallocated_pool_is_made_whole_at_the_first_activation(adapter_root, loaded):

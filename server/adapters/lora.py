@@ -289,28 +289,6 @@ def slot_width(rank: int) -> int:
     return -(-rank // SLOT_COLUMNS) * SLOT_COLUMNS
 
 
-PackedRows = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, projection) -> (A rows, B^T rows)
-
-
-def packed_rows(adapter: AdapterWeights, dtype: torch.dtype) -> PackedRows:
-    """Each module's A [width, in] and B^T [width, out] rows in `dtype` on the CPU, zero-padded to
-    the adapter's whole slots (zeros are exact: they add nothing). Modules of one shape (a
-    projection across layers) are converted together: a few large ops rather than hundreds of
-    small ones, which matters on the loader thread, which shares the interpreter with decoding."""
-    width = slot_width(adapter.rank)
-    groups: dict[tuple, list[tuple[int, str]]] = {}
-    for key, (a, b) in adapter.modules.items():
-        groups.setdefault((a.shape, b.shape), []).append(key)
-    rows = {}
-    for ((r, n_in), (n_out, _)), keys in groups.items():
-        make = torch.empty if r == width else torch.zeros
-        a_rows, b_rows = make(len(keys), width, n_in, dtype=dtype), make(len(keys), width, n_out, dtype=dtype)
-        a_rows[:, :r].copy_(torch.stack([adapter.modules[k][0] for k in keys]))
-        b_rows[:, :r].copy_(torch.stack([adapter.modules[k][1] for k in keys]).transpose(1, 2))
-        rows.update((k, (a_rows[i], b_rows[i])) for i, k in enumerate(keys))
-    return rows
-
-
 class ResidentAdapters:
     """The device tier: adapters packed into the model's projections, bounded by `max_bytes` (and
     by `max_active` adapters when that is not 0).
@@ -423,24 +401,19 @@ class ResidentAdapters:
     def _budget_columns(self) -> int:
         return self.max_bytes // self._column_bytes // SLOT_COLUMNS * SLOT_COLUMNS
 
-    def stage(self, adapter: AdapterWeights) -> None:
-        """On a loader thread: the adapter's rows in this tier's layout and dtype, so that activating
-        it on the engine thread is two copies per projection and nothing else."""
-        adapter.staged = (self.dtype, packed_rows(adapter, self.dtype))
-
     def _write(self, adapter: AdapterWeights, lo: int, width: int) -> None:
-        """The adapter's rows, zeros where it has no module, so a reused range keeps nothing of the
-        adapter it held before."""
-        staged, adapter.staged = adapter.staged, None
-        rows = staged[1] if staged is not None and staged[0] == self.dtype else packed_rows(adapter, self.dtype)
+        """The adapter's A rows and B^T rows (read in the serving dtype and this orientation, so these
+        are plain copies), zeros past its rank and where it has no module: a reused range keeps
+        nothing of the adapter it held before."""
         for key, module in self.projections.items():
-            pair = rows.get(key)
-            if pair is None:
-                module.lora.a[lo : lo + width] = 0
-                module.lora.b_t[lo : lo + width] = 0
-            else:
-                module.lora.a[lo : lo + width].copy_(pair[0], non_blocking=True)
-                module.lora.b_t[lo : lo + width].copy_(pair[1], non_blocking=True)
+            a, b = adapter.modules.get(key, (None, None))
+            r = 0 if a is None else a.shape[0]
+            if a is not None:
+                module.lora.a[lo : lo + r].copy_(a, non_blocking=True)
+                module.lora.b_t[lo : lo + r].copy_(b.t(), non_blocking=True)
+            if r < width:
+                module.lora.a[lo + r : lo + width] = 0
+                module.lora.b_t[lo + r : lo + width] = 0
 
     def batch_for(
         self, row_adapters: Sequence[Optional[AdapterWeights]], query_lens: Sequence[int]

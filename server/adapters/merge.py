@@ -63,13 +63,17 @@ class MergeSpec:
 
 
 def merge(spec: MergeSpec, parts: Sequence[AdapterWeights]) -> AdapterWeights:
+    """Computed in float32 from the parts (held in the serving dtype), the result in theirs."""
     modules = sorted({m for p in parts for m in p.modules})
+    pairs = [{m: (a.float(), b.float()) for m, (a, b) in p.modules.items()} for p in parts]
     if spec.strategy == "linear":
-        merged = {m: _linear_concat([p.modules.get(m) for p in parts], spec.weights) for m in modules}
+        merged = {m: _linear_concat([p.get(m) for p in pairs], spec.weights) for m in modules}
     else:
         generator = torch.Generator().manual_seed(spec.seed)
-        merged = {m: _task_merge(spec, m, [p.modules.get(m) for p in parts], generator) for m in modules}
-    return AdapterWeights(key=spec.key, rank=max(a.shape[0] for a, _ in merged.values()), modules=merged)
+        merged = {m: _task_merge(spec, m, [p.get(m) for p in pairs], generator) for m in modules}
+    dtype = parts[0].dtype
+    return AdapterWeights(key=spec.key, rank=max(a.shape[0] for a, _ in merged.values()),
+                          modules={m: (a.to(dtype), b.to(dtype)) for m, (a, b) in merged.items()})
 
 
 def _linear_concat(pairs: Sequence[LoraPair | None], weights: Sequence[float]) -> LoraPair:

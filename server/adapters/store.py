@@ -22,7 +22,7 @@ import torch
 
 from server.adapters.merge import MergeSpec, merge
 from server.adapters.sources import AdapterSource, HubSource, LocalSource, PbaseSource, S3Source
-from server.adapters.weights import AdapterKey, AdapterWeights, read_adapter
+from server.adapters.weights import AdapterKey, AdapterWeights, ReadBuffer, read_adapter
 from server.errors import ValidationError
 from server.model.arch import ArchConfig
 
@@ -42,8 +42,9 @@ class AdapterStoreConfig:
 
 
 class AdapterStore:
-    def __init__(self, config: AdapterStoreConfig, arch: ArchConfig) -> None:
-        self.config, self.arch = config, arch
+    def __init__(self, config: AdapterStoreConfig, arch: ArchConfig, dtype: torch.dtype = torch.float32) -> None:
+        """`dtype`: the serving dtype, which adapters are read into (the CPU tier holds them so)."""
+        self.config, self.arch, self.dtype = config, arch, dtype
         self.sources: dict[str, AdapterSource] = {
             "pbase": PbaseSource(config.adapters_dir),
             "local": LocalSource([config.adapters_dir, *config.extra_roots]),
@@ -58,12 +59,11 @@ class AdapterStore:
         # the device still holds takes it back from there instead of reading the disk again
         self.device_copy: Callable[[AdapterKey], Optional[AdapterWeights]] = lambda key: None
         self._unloaded: set[AdapterKey] = set()  # unloaded on purpose: read again, never taken back
-        # readies a fresh load for the device tier on the loader thread (set by the engine's builder)
-        self.prepare: Callable[[AdapterWeights], None] = lambda weights: None
         # one OpenMP thread per worker: a load parses on the core it holds, and the engine's team
         # shrinks by one while it does (busy_loaders, server.engine.cpu_threads)
         self._pool = ThreadPoolExecutor(config.load_workers, thread_name_prefix="adapter-loader",
                                         initializer=torch.set_num_threads, initargs=(1,))
+        self._buffers = threading.local()  # each loader thread's ReadBuffer
         self._parsing = 0
         self._downloading = 0
         self.stats: Counter[str] = Counter()
@@ -113,14 +113,20 @@ class AdapterStore:
         with self._lock:
             if key in self._cpu:
                 return self._cpu[key]
-        return self._load(key, lambda: self._read(key), served=False)
+        return self._load(key, lambda: self._read(key))
 
     def _read(self, key: AdapterKey) -> AdapterWeights:
         source = self.sources[key.source]
         with self._downloading_from(source):
             directory = source.fetch(key.id)  # a download waits on the network, not a core
         with self._on_cpu():
-            return read_adapter(key, directory, self.arch)
+            return read_adapter(key, directory, self.arch, self.dtype, self._buffer())
+
+    def _buffer(self) -> ReadBuffer:
+        """This loader thread's file buffer, reused load after load."""
+        if not hasattr(self._buffers, "buffer"):
+            self._buffers.buffer = ReadBuffer()
+        return self._buffers.buffer
 
     @contextmanager
     def _on_cpu(self) -> Iterator[None]:
@@ -152,14 +158,10 @@ class AdapterStore:
         """Loads parsing or merging on a core right now (the engine leaves them one each)."""
         return self._parsing
 
-    def _load(self, key: AdapterKey, produce: Callable[[], AdapterWeights], served: bool = True) -> AdapterWeights:
-        """`served`: the adapter itself will be activated (not a part of a merge), so it is staged."""
+    def _load(self, key: AdapterKey, produce: Callable[[], AdapterWeights]) -> AdapterWeights:
         started = time.monotonic()
         try:
             weights = produce()
-            if served:
-                with self._on_cpu():
-                    self.prepare(weights)
         except Exception:
             self.stats["load_failures"] += 1
             with self._lock:

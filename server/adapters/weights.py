@@ -53,22 +53,25 @@ class AdapterKey:
 
 @dataclass(eq=False)
 class AdapterWeights:
-    """One adapter in CPU memory. Identity-hashed: the tiers track the object itself."""
+    """One adapter in CPU memory, in the serving dtype. Identity-hashed: the tiers track the object itself."""
 
     key: AdapterKey
     rank: int  # widest rank over modules: the columns it occupies when packed
-    modules: dict[tuple[int, str], LoraPair]  # (layer, proj) -> (A [r, in], B * scale [out, r])
+    modules: dict[tuple[int, str], LoraPair]  # (layer, proj) -> (A [r, in], B * scale [out, r]); may be views
     path: Optional[Path] = None
     chat_template: Optional[str] = None
     config: dict[str, Any] = field(default_factory=dict)
     serial: int = field(default_factory=lambda: next(_serials))  # this load's identity (KV prefix-cache keys)
-    # (dtype, rows in the device tier's packed layout), made on the loader thread and taken by the first
-    # activation, so the engine thread only copies them in (server.adapters.lora.ResidentAdapters.stage)
-    staged: Optional[tuple[torch.dtype, dict]] = field(default=None, repr=False)
 
     @property
     def size_bytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.modules.values())
+        """Bytes held, each shared tensor (a fused projection's A) once."""
+        held = {t.data_ptr(): t.numel() * t.element_size() for pair in self.modules.values() for t in pair}
+        return sum(held.values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.modules.values()))[0].dtype
 
     @property
     def target_modules(self) -> list[str]:
@@ -98,15 +101,18 @@ def split_fused(modules: dict[tuple[int, str], LoraPair], arch: ArchConfig) -> d
     for (layer, proj), (a, b) in modules.items():
         start = 0
         for part in FUSED.get(proj, (proj,)):
-            out[(layer, part)] = (a, b[start : start + sizes[part]].contiguous())
+            out[(layer, part)] = (a, b[start : start + sizes[part]])  # a view: activation copies it
             start += sizes[part]
     return out
 
 
-def read_adapter(key: AdapterKey, directory: Path, arch: ArchConfig) -> AdapterWeights:
+def read_adapter(key: AdapterKey, directory: Path, arch: ArchConfig, dtype: torch.dtype = torch.float32,
+                 buffer: Optional["ReadBuffer"] = None) -> AdapterWeights:
+    """The adapter in `dtype` (the serving dtype). `buffer`: the calling loader thread's own, kept
+    between its loads; by default a fresh one."""
     config = _read_config(key, directory)
-    tensors = _read_tensors(key, directory)
-    modules = split_fused(_pair_modules(key, tensors, config, arch), arch)
+    tensors = _read_tensors(key, directory, buffer or ReadBuffer(keep_bytes=0))
+    modules = split_fused(_factors(key, tensors, config, arch, dtype), arch)
     template = directory / "chat_template.jinja"
     return AdapterWeights(
         key=key,
@@ -141,39 +147,93 @@ def _read_config(key: AdapterKey, directory: Path) -> dict[str, Any]:
 _FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def _read_tensors(key: AdapterKey, directory: Path) -> dict[str, torch.Tensor]:
+class ReadBuffer:
+    """A loader thread's buffer for adapter files, kept between its loads when the file fits in
+    `keep_bytes`. Memory touched for the first time costs a page fault per page, and on a VM a
+    fault the host must back: on the development VM a load that allocated its buffers afresh took
+    50 ms of CPU against 9 ms when they were reused (bench notes in docs/benchmarks.md). Files go
+    through here; only the adapter's own tensors, in the serving dtype, are new memory."""
+
+    def __init__(self, keep_bytes: int = 256 * 2**20) -> None:
+        self.keep_bytes = keep_bytes
+        self._kept: Optional[torch.Tensor] = None
+
+    def take(self, size: int) -> torch.Tensor:
+        """`size` bytes (uint8), valid until the next take."""
+        if self._kept is not None and self._kept.numel() >= size:
+            return self._kept[:size]
+        fresh = torch.empty(size, dtype=torch.uint8)
+        if size <= self.keep_bytes:
+            self._kept = fresh
+        return fresh
+
+
+@dataclass
+class FileTensors:
+    """A safetensors file's tensors by name. Read in one call into one buffer when they share one
+    float dtype (what peft writes): views on demand, and `stacked` views of evenly spaced ones
+    without a copy. Else (mixed dtypes) what safetensors itself reads."""
+
+    shapes: dict[str, tuple[int, ...]]
+    flat: Optional[torch.Tensor] = None  # the tensor data, in their one dtype
+    offsets: dict[str, int] = field(default_factory=dict)  # element offset of each tensor in `flat`
+    loaded: dict[str, torch.Tensor] = field(default_factory=dict)  # the safetensors read, when not flat
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if self.flat is None:
+            return self.loaded[name]
+        begin = self.offsets[name]
+        return self.flat[begin : begin + math.prod(self.shapes[name])].view(self.shapes[name])
+
+    def stacked(self, names: list[str]) -> Optional[torch.Tensor]:
+        """[n, *shape] of these same-shaped tensors as one strided view of the buffer, when they lie
+        at evenly spaced offsets in this order (peft's files: each layer's block the same size);
+        None otherwise."""
+        if self.flat is None:
+            return None
+        begins = [self.offsets[name] for name in names]
+        step = begins[1] - begins[0] if len(begins) > 1 else 1
+        if step <= 0 or any(b - a != step for a, b in zip(begins, begins[1:])):
+            return None
+        shape = self.shapes[names[0]]
+        inner = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
+        return self.flat.as_strided((len(names), *shape), (step, *inner), self.flat.storage_offset() + begins[0])
+
+
+def _read_tensors(key: AdapterKey, directory: Path, buffer: ReadBuffer) -> FileTensors:
     """The file's tensors, each checked to be finite floating point."""
     path = directory / "adapter_model.safetensors"
     if not path.is_file():
         raise AdapterNotFoundError(f"adapter {key} not found: no adapter_model.safetensors")
     try:
-        read = _read_one_dtype(path)
-        tensors = read[0] if read is not None else load_file(str(path))
+        tensors = _read_one_dtype(path, buffer)
+        if tensors is None:
+            loaded = load_file(str(path))
+            tensors = FileTensors({k: tuple(v.shape) for k, v in loaded.items()}, loaded=loaded)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
         raise AdapterLoadError(f"adapter {key}: corrupt adapter_model.safetensors ({exc})") from None
     # one sum over the whole buffer: a NaN or inf anywhere makes it non-finite (so does an overflow,
     # which the check of each tensor that follows then clears), and names the weight
-    if read is None or not math.isfinite(float(read[1].sum())):
-        for name, tensor in tensors.items():
+    if tensors.flat is None or not math.isfinite(float(tensors.flat.sum())):
+        for name in tensors.shapes:
+            tensor = tensors.tensor(name)
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
                 raise AdapterLoadError(f"adapter {key}: weight {name!r} is not finite floating point")
     return tensors
 
 
-def _read_one_dtype(path: Path) -> Optional[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """A safetensors file whose tensors share one float dtype (what peft writes), read in one call
-    and viewed out of one buffer: (tensors, that buffer). A few hundred tensors then cost one read
-    and one finiteness check instead of an allocation and a check each (loads run beside decoding).
-    None for anything else, which safetensors itself reads."""
+def _read_one_dtype(path: Path, buffer: ReadBuffer) -> Optional[FileTensors]:
+    """A file whose tensors share one float dtype, read in one call into `buffer` (the GIL released
+    while it reads), its header checked as safetensors checks it; None for anything else."""
     with path.open("rb") as f:
         size = os.fstat(f.fileno()).st_size
-        buffer = torch.empty(size, dtype=torch.uint8)  # untouched pages: the read fills them, the GIL released
-        if f.readinto(memoryview(buffer.numpy())) != size:
+        data = buffer.take(size)
+        if f.readinto(memoryview(data.numpy())) != size:
             raise ValueError("short read")
-    (header_len,) = struct.unpack_from("<Q", buffer.numpy(), 0)
+    (header_len,) = struct.unpack_from("<Q", data.numpy(), 0)
     if 8 + header_len > size:
         raise ValueError("header runs past the end of the file")
-    header = json.loads(buffer[8 : 8 + header_len].numpy().tobytes())
+    header = json.loads(data[8 : 8 + header_len].numpy().tobytes())
     if not isinstance(header, dict) or not all(isinstance(e, dict) for k, e in header.items() if k != "__metadata__"):
         raise ValueError("the header is not a table of tensors")
     header.pop("__metadata__", None)
@@ -184,55 +244,105 @@ def _read_one_dtype(path: Path) -> Optional[tuple[dict[str, torch.Tensor], torch
     end = max(entry["data_offsets"][1] for entry in header.values())
     if end % item or 8 + header_len + end > size:
         raise ValueError("tensor data runs past the end of the file")
-    flat = buffer[8 + header_len : 8 + header_len + end].view(dtype)
-    tensors, covered = {}, 0
+    tensors, covered = FileTensors({}, data[8 + header_len : 8 + header_len + end].view(dtype)), 0
     for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
         begin, stop = (int(o) for o in entry["data_offsets"])
-        shape = [int(d) for d in entry["shape"]]
+        shape = tuple(int(d) for d in entry["shape"])
         # laid end to end, each as long as its shape says (what safetensors itself checks)
         if begin != covered or min(shape, default=0) < 0 or stop - begin != math.prod(shape) * item:
             raise ValueError(f"tensor {name!r} has inconsistent offsets")
-        tensors[name] = flat[begin // item : stop // item].view(shape)
+        tensors.shapes[name], tensors.offsets[name] = shape, begin // item
         covered = stop
-    return tensors, flat
+    return tensors
 
 
-def _pair_modules(key: AdapterKey, tensors: dict[str, torch.Tensor], config: dict[str, Any], arch: ArchConfig):
-    shapes = projection_shapes(arch)
-    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
+Module = tuple[int, str]  # (layer, projection)
+
+
+def _factors(key: AdapterKey, tensors: FileTensors, config: dict[str, Any], arch: ArchConfig,
+             dtype: torch.dtype) -> dict[Module, LoraPair]:
+    """Every module's (A, B * scale) in `dtype`, written straight from the file's buffer: the
+    modules of one projection and rank as one [n, r, in] tensor and one [n, r, out] (B^T, the
+    packed orientation), a few large copies rather than hundreds of small ones (loads share the
+    interpreter with decoding). The returned pairs are views of those."""
+    names = _pair_names(key, tensors.shapes, arch)
+    groups: dict[tuple[str, int], list[Module]] = {}
+    for module, (a_name, _) in names.items():
+        groups.setdefault((module[1], tensors.shapes[a_name][0]), []).append(module)
+    out: dict[Module, LoraPair] = {}
+    for members in groups.values():
+        members.sort(key=lambda m: tensors.offsets.get(names[m][0], 0))  # file order: strided views
+        a = _copy_stacked(tensors, [names[m][0] for m in members], dtype)  # [n, r, in]
+        scales = torch.tensor([_scale(_module_name(m), a.shape[1], config) for m in members]).view(-1, 1, 1)
+        b_t = _copy_stacked(tensors, [names[m][1] for m in members], dtype, transpose=True, scales=scales)
+        out.update(zip(members, zip(a.unbind(0), b_t.transpose(1, 2).unbind(0))))
+    return out
+
+
+def _copy_stacked(tensors: FileTensors, names: list[str], dtype: torch.dtype, transpose: bool = False,
+                  scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[n, *shape] (each transposed when `transpose`, each times its scale) in new memory of `dtype`:
+    one op over a strided view of the file when it allows, else one per tensor. The product is in
+    float32 (the scales' dtype), then rounded once to `dtype`."""
+    shape = tensors.shapes[names[0]]
+    out = torch.empty(len(names), *(shape[::-1] if transpose else shape), dtype=dtype)
+    stacked = tensors.stacked(names)
+    sources = [stacked] if stacked is not None else [tensors.tensor(n).unsqueeze(0) for n in names]
+    start = 0
+    for source in sources:
+        part = out[start : start + source.shape[0]]
+        source = source.transpose(1, 2) if transpose else source
+        if scales is None:
+            part.copy_(source)
+        else:
+            torch.mul(source, scales[start : start + source.shape[0]], out=part)
+        start += source.shape[0]
+    return out
+
+
+def _module_name(module: Module) -> str:
+    layer, proj = module
+    block = "mlp" if proj in ("gate_proj", "up_proj", "down_proj", "gate_up_proj") else "self_attn"
+    return f"model.layers.{layer}.{block}.{proj}"
+
+
+def _pair_names(key: AdapterKey, shapes: dict[str, tuple[int, ...]], arch: ArchConfig) -> dict[Module, tuple[str, str]]:
+    """Each module's (lora_A name, lora_B name), from the header alone: every weight a LoRA factor of
+    a projection this base model has, both factors present, shapes this model's, ranks in bounds."""
+    projections = projection_shapes(arch)
+    halves: dict[Module, dict[str, str]] = {}
+    for name in shapes:
         match = _KEY.search(name)
         if match is None:
             where = "the embeddings or the LM head" if re.search(r"embed|lm_head", name) else "this module"
             raise AdapterLoadError(f"adapter {key}: unsupported weight {name!r}: LoRA on {where} is not supported "
                                    "(only the attention and MLP projections)")
         layer, proj, half = int(match.group(1)), match.group(2), match.group(3)
-        if proj not in shapes or layer >= arch.num_layers:
+        if proj not in projections or layer >= arch.num_layers:
             raise AdapterLoadError(f"adapter {key}: weight {name!r} targets a module the base model does not have")
-        # a copy for A (B gets scaled into one): a view would keep the whole file's buffer alive
-        halves.setdefault((layer, proj), {})[half] = tensor.to(torch.float32, copy=half == "A")
+        halves.setdefault((layer, proj), {})[half] = name
     if not halves:
         raise AdapterLoadError(f"adapter {key}: no LoRA weights found")
-    return {k: _check_pair(key, k, h, shapes[k[1]], config) for k, h in halves.items()}
+    for module, pair in halves.items():
+        _check_shapes(key, module, pair, shapes, projections[module[1]])
+    return {module: (pair["A"], pair["B"]) for module, pair in halves.items()}
 
 
-def _check_pair(key: AdapterKey, where: tuple[int, str], halves: dict[str, torch.Tensor], shape: tuple[int, int],
-                config: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    layer, proj = where
-    if set(halves) != {"A", "B"}:
+def _check_shapes(key: AdapterKey, module: Module, pair: dict[str, str], shapes: dict[str, tuple[int, ...]],
+                  shape: tuple[int, int]) -> None:
+    layer, proj = module
+    if set(pair) != {"A", "B"}:
         raise AdapterLoadError(f"adapter {key}: layer {layer} {proj} lacks lora_A or lora_B")
-    a, b = halves["A"], halves["B"]
+    a, b = shapes[pair["A"]], shapes[pair["B"]]
     out_features, in_features = shape
-    rank = a.shape[0]
-    if a.shape != (rank, in_features) or b.shape != (out_features, rank):
+    rank = a[0] if a else 0
+    if a != (rank, in_features) or b != (out_features, rank):
         raise AdapterLoadError(
-            f"adapter {key}: layer {layer} {proj} has shapes A{tuple(a.shape)} B{tuple(b.shape)}, but the base model "
+            f"adapter {key}: layer {layer} {proj} has shapes A{a} B{b}, but the base model "
             f"needs A[r, {in_features}] B[{out_features}, r]: it was trained for a different base model"
         )
     if not 1 <= rank <= MAX_RANK:
         raise AdapterLoadError(f"adapter {key}: rank {rank} outside 1..{MAX_RANK}")
-    block = "mlp" if proj in ("gate_proj", "up_proj", "down_proj", "gate_up_proj") else "self_attn"
-    return a.contiguous(), (b * _scale(f"model.layers.{layer}.{block}.{proj}", rank, config)).contiguous()
 
 
 def _scale(module_name: str, rank: int, config: dict[str, Any]) -> float:

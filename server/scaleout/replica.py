@@ -19,7 +19,7 @@ from ray import serve
 from server import metrics
 from server.api.app import create_app
 from server.config import Settings
-from server.engine.builder import build_engine
+from server.engine.builder import build_serving_engine
 from server.scaleout import registry
 from server.scaleout.asgi_call import HttpCall, ResponseStart, run_asgi
 
@@ -39,7 +39,7 @@ class EngineReplica:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
-        self.app = create_app(settings, build_engine)
+        self.app = create_app(settings, build_serving_engine)
         self.lifespan = self.app.router.lifespan_context(self.app)
         await self.lifespan.__aenter__()
         await self._wait_until_loaded()
