@@ -44,6 +44,7 @@ from tests.conftest import ServerProcess, free_port, stop_process  # noqa: E402
 PEERS_HOME = Path(os.environ.get("PEERS_HOME", Path.home() / ".cache" / "loraserve" / "peers"))
 BASE = None  # adapter slot meaning "the base model"
 BASE_MODEL = "SmolLM2-135M-Instruct"
+CHAT_PROMPT = JSON_PROMPT.replace("ocean", "forest")  # as many tokens
 
 
 @dataclass
@@ -95,12 +96,17 @@ class Loraserve(Peer):
     def body(self, prompt: str, max_tokens: int, adapter: Optional[int]) -> dict:
         return {**super().body(prompt, max_tokens, adapter), "ignore_eos_token": True}
 
-    def json_body(self, max_tokens: int, adapter: Optional[int]) -> dict:
-        """A chat request constrained to LONG_SCHEMA (the grammar stays open for the whole budget)."""
+    def json_body(self, max_tokens: int, adapter: Optional[int], constrained: bool = True) -> dict:
+        """A chat request constrained to LONG_SCHEMA (the grammar stays open for the whole budget);
+        unconstrained: a request as long without response_format (41 tokens with the chat template,
+        against 5-12 for the plain prompts, so only this isolates the grammar's cost), on another
+        topic so that it reuses no cached prefix of the constrained run's beyond the system prompt."""
         schema = {"type": "json_schema", "json_schema": {"name": "notes", "schema": LONG_SCHEMA}}
-        return {"model": self.adapters[adapter] if adapter is not None else BASE_MODEL, "stream": True,
-                "messages": [{"role": "user", "content": JSON_PROMPT}], "max_tokens": max_tokens,
-                "temperature": 0, "response_format": schema}
+        body = {"model": self.adapters[adapter] if adapter is not None else BASE_MODEL, "stream": True,
+                "messages": [{"role": "user", "content": JSON_PROMPT if constrained else CHAT_PROMPT}],
+                "max_tokens": max_tokens,
+                "temperature": 0}
+        return {**body, "response_format": schema} if constrained else {**body, "ignore_eos_token": True}
 
 
 class LlamaServer(Peer):
@@ -173,14 +179,15 @@ async def openai_stream(client: httpx.AsyncClient, body: dict) -> StreamResult:
 
 
 async def load(peer: Peer, streams: int, max_tokens: int, adapters: list[Optional[int]],
-               warm: Optional[list[Optional[int]]] = None, json_every: int = 0) -> dict:
+               warm: Optional[list[Optional[int]]] = None, json_every: int = 0, constrained: bool = True) -> dict:
     """`streams` concurrent requests, stream i on adapters[i % len(adapters)] (every `json_every`-th
     one JSON-constrained); the adapters in `warm` (default: all used) get one short request first."""
     async with httpx.AsyncClient(base_url=peer.url, timeout=900,
                                  limits=httpx.Limits(max_connections=streams + 4)) as client:
         warm = set(adapters) if warm is None else set(warm)
         await asyncio.gather(*(openai_stream(client, peer.body(PROMPTS[0], 2, a)) for a in warm))
-        bodies = [peer.json_body(max_tokens, adapters[i % len(adapters)]) if json_every and i % json_every == 0
+        bodies = [peer.json_body(max_tokens, adapters[i % len(adapters)], constrained)
+                  if json_every and i % json_every == 0
                   else peer.body(PROMPTS[i % len(PROMPTS)], max_tokens, adapters[i % len(adapters)])
                   for i in range(streams)]
         start = time.perf_counter()
@@ -225,6 +232,10 @@ def loraserve_only(peer: Peer, names: list[str], args: argparse.Namespace) -> di
             load(peer, args.mixed_streams, args.max_new_tokens, zipf)),
         f"json-half-{args.mixed_streams}x{args.adapters}": asyncio.run(
             load(peer, args.mixed_streams, args.max_new_tokens, list(range(args.adapters)), json_every=2)),
+        f"chat-half-{args.mixed_streams}x{args.adapters}": asyncio.run(  # json-half without its grammar (after it: its
+            # first prompt block, the system prompt, is then cached, which favours this run)
+            load(peer, args.mixed_streams, args.max_new_tokens, list(range(args.adapters)), json_every=2,
+                 constrained=False)),
         f"churn-{args.mixed_streams}x{len(churn)}-cold": asyncio.run(
             load(peer, args.mixed_streams, args.max_new_tokens, churn, warm=[])),
     }
@@ -279,6 +290,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--naive-requests", type=int, default=8)
+    parser.add_argument("--loraserve-args", nargs="*", default=[],
+                        help="more `serve` flags for loraserve, e.g. --loraserve-args=--no-prefix-caching")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     (ROOT / ".pytest_cache").mkdir(exist_ok=True)
@@ -302,6 +315,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             served = names
             if isinstance(peer, Loraserve):
                 served, peer.device_slots = names + churn, args.adapters
+                peer.extra_args = (*peer.extra_args, *args.loraserve_args)
             report["peers"][name] = {"skipped": why_not} if why_not else run_peer(peer, adapters_dir, served, args)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out_dir.mkdir(parents=True, exist_ok=True)

@@ -237,3 +237,21 @@ def test_a_preallocated_pool_is_made_whole_at_the_first_activation(adapter_root,
     budget = tier.capacity
     assert budget * tier._column_bytes <= 64 * 2**20 < (budget + 8) * tier._column_bytes
     assert tier.activate(second, set()) and tier.capacity == budget
+
+
+def test_the_first_load_makes_the_pool_so_the_first_activation_only_installs_it(adapter_root, loaded):
+    """The pool is zeroed on the loader thread (make_pool, wired to the store's before_load), not on
+    the engine thread where it stalled every stream: the activation takes those very buffers."""
+    import copy
+
+    model = copy.deepcopy(loaded.model)
+    tier = ResidentAdapters(model, 0, 64 * 2**20, preallocate=True)
+    tier.make_pool()
+    made = {key: a.data_ptr() for key, (a, _) in tier._made.items()}
+    assert tier.capacity == 0 and all(m.lora is None for m in tier.projections.values())
+    adapter = read_adapter(KEY, adapter_root / SPECS[0].name / "1", loaded.model.config)
+    assert tier.activate(adapter, set())
+    assert all(tier.projections[key].lora.a.data_ptr() == ptr for key, ptr in made.items())
+    assert tier.capacity * tier._column_bytes <= 64 * 2**20 and tier._made is None
+    tier.make_pool()  # later loads: nothing more is made
+    assert tier._made is None

@@ -12,6 +12,8 @@ the decode graphs capture).
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -21,6 +23,8 @@ import torch.nn.functional as F
 from server.adapters.weights import AdapterKey, AdapterWeights
 from server.model.decoder import CausalLM
 from server.model.layers import LoraTarget
+
+log = logging.getLogger(__name__)
 
 SLOT_COLUMNS = 8  # packed columns are allocated in slots this wide, so a rank-8 adapter is one slot
 SPREAD_SLACK = 2  # adapters' widths a step's adapters may spread beyond their own before they are packed
@@ -317,6 +321,8 @@ class ResidentAdapters:
         self._column_bytes = features * self.dtype.itemsize
         self.capacity = 0
         self.preallocated = preallocate
+        self._made: Optional[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = None  # make_pool's buffers
+        self._making = threading.Lock()
         self.loads = 0
         self.evictions = 0
         self.relocations = 0  # adapters moved next to the rest of their batch (_pack_together)
@@ -378,12 +384,15 @@ class ResidentAdapters:
 
     def _grow_to(self, columns: int) -> None:
         """Room for `columns` packed columns: new buffers, zeroed, the old columns copied in. With
-        `preallocate` (the builder's choice on CPU) the first activation makes the whole pool the
-        budget allows, so no later one waits for a regrowth or pays first-touch page faults
-        (measured: 1.6 ms an activation against 14 in untouched buffers); past it only by the
+        `preallocate` (the builder's choice on CPU) the whole pool the budget allows is made by
+        the first load's loader thread (make_pool), else by the first activation, so no later
+        one waits for a regrowth or pays first-touch page faults (measured: 1.6 ms an activation
+        against 14 in untouched buffers); past it only by the
         fragment a wider adapter lacks among the holes. Otherwise the buffers start small and
         double: a CUDA graph's window spans the whole capacity, so it is kept near what is in use."""
         if columns <= self.capacity:
+            return
+        if self.preallocated and not self.capacity and self._install_made(columns):
             return
         if self.preallocated:
             new_capacity = max(columns, self._budget_columns()) if not self.capacity else columns + 4 * SLOT_COLUMNS
@@ -397,6 +406,33 @@ class ResidentAdapters:
                 b_t[: self.capacity] = module.lora.b_t
             module.lora = PackedLora(a, b_t)
         self.capacity = new_capacity
+
+    def make_pool(self) -> None:
+        """On a loader thread, ahead of the first activation: the preallocated pool's buffers,
+        allocated and zeroed. Made on the engine thread at that activation, they stalled every
+        running stream for it (0.24 s for the default 1 GB in-process, ~1.5 s through the server
+        on the development VM, whose fresh memory is slow)."""
+        with self._making:
+            if not self.preallocated or self.capacity or self._made is not None:
+                return
+            columns = self._budget_columns()
+            try:
+                self._made = {key: (torch.zeros(columns, m.in_features, device=self.device, dtype=self.dtype),
+                                    torch.zeros(columns, m.out_features, device=self.device, dtype=self.dtype))
+                              for key, m in self.projections.items()}
+            except RuntimeError as exc:  # out of memory: the first activation tries again and reports it
+                log.warning("could not make the adapter pool ahead of its first use: %s", exc)
+
+    def _install_made(self, columns: int) -> bool:
+        """The buffers make_pool made, if it has (waiting while a loader is still making them)."""
+        with self._making:
+            made, self._made = self._made, None
+        if made is None or columns > next(iter(made.values()))[0].shape[0]:
+            return False
+        for key, module in self.projections.items():
+            module.lora = PackedLora(*made[key])
+        self.capacity = next(iter(made.values()))[0].shape[0]
+        return True
 
     def _budget_columns(self) -> int:
         return self.max_bytes // self._column_bytes // SLOT_COLUMNS * SLOT_COLUMNS

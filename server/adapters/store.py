@@ -64,6 +64,8 @@ class AdapterStore:
         self._pool = ThreadPoolExecutor(config.load_workers, thread_name_prefix="adapter-loader",
                                         initializer=torch.set_num_threads, initargs=(1,))
         self._buffers = threading.local()  # each loader thread's ReadBuffer
+        # called on the loader thread before each load (the builder: the device tier's make_pool)
+        self.before_load: Callable[[], None] = lambda: None
         self._parsing = 0
         self._downloading = 0
         self.stats: Counter[str] = Counter()
@@ -161,6 +163,7 @@ class AdapterStore:
     def _load(self, key: AdapterKey, produce: Callable[[], AdapterWeights]) -> AdapterWeights:
         started = time.monotonic()
         try:
+            self.before_load()
             weights = produce()
         except Exception:
             self.stats["load_failures"] += 1

@@ -73,11 +73,13 @@ def build_engine(settings: Settings, loaded: LoadedModel | None = None,
 
 def build_serving_engine(settings: Settings, progress: StartProgress = lambda phase: None) -> AsyncEngine:
     """build_engine for a process that serves this one engine until it exits (the CLI, a Ray
-    replica). The start-up heap (modules, weights' wrappers, the tokenizer) is then frozen out of
-    the garbage collector: a full collection walked all of it, ~150-220 ms with the GIL held, and
-    fired while serving (measured inside a 24-adapter cold burst: 214 ms, with every load and step
-    stalled). Not for tests that build many engines: frozen objects in cycles are never freed."""
+    replica). The grammar engine's tokenizer is built in the background, and the start-up heap
+    (modules, weights' wrappers, the tokenizer) is frozen out of the garbage collector: a full
+    collection walked all of it, ~150-220 ms with the GIL held, and fired while serving (measured
+    inside a 24-adapter cold burst: 214 ms, with every load and step stalled). Not for tests that
+    build many engines: frozen objects in cycles are never freed."""
     engine = build_engine(settings, progress=progress)
+    engine.guides.prepare()  # in the background: serving starts without waiting for it
     gc.collect()
     gc.freeze()
     log.info("start-up heap frozen out of the garbage collector (%d objects)", gc.get_freeze_count())
@@ -149,6 +151,7 @@ def _assemble(settings: Settings, loaded: LoadedModel, phases: PhaseLog) -> Asyn
     engine = Engine(runner, Scheduler(budget, kv, resident, loaded.model.recomputes_at), loaded.eos_token_ids)
     store = AdapterStore(store_config(settings.adapters), loaded.model.config, loaded.dtype)
     store.device_copy = resident.resident
+    store.before_load = resident.make_pool
     engine.cpu = CpuThreads(torch.get_num_threads(), store.busy_loaders, enabled=loaded.device.type == "cpu")
     if settings.adapters.preload_adapters:
         phases.enter(StartPhase.PRELOADING_ADAPTERS)

@@ -114,6 +114,12 @@ class GuideFactory:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-compiler")
         self.compile_seconds: list[float] = []
 
+    def prepare(self) -> Future:
+        """Build llguidance's view of the tokenizer now, on the compiler thread, rather than inside
+        the first constrained request: that request waited for it (0.27 s alone; 0.34 s time to
+        first token against 0.07 s for the next one, through HTTP on 2 cores)."""
+        return self._pool.submit(self._llg_tokenizer)
+
     def guide_for(self, constraint: Constraint) -> Future:
         """A Future of a GrammarGuide for `constraint`."""
         return self._pool.submit(self._build, constraint)
@@ -154,7 +160,7 @@ class GuideFactory:
         return grammar
 
     def _llg_tokenizer(self) -> Any:
-        if self._tokenizer is None:  # ~1-2 s once: built on first use, on this worker
+        if self._tokenizer is None:  # once, on this worker: at start (prepare) or on first use
             import llguidance.hf
 
             self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, eos_token=self._eos)
