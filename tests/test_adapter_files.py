@@ -119,6 +119,10 @@ def second(h: dict) -> dict:
     lambda h: first(h).update(shape=[-2, -first(h)["shape"][0] * first(h)["shape"][1] // 2]),  # negative sizes
     lambda h: second(h).update(data_offsets=first(h)["data_offsets"]),  # two tensors on the same bytes
     lambda h: first(h).update(dtype="I64"),  # not a float: read by safetensors, refused as not floating point
+    lambda h: first(h).update(shape=[1] * 300_000),  # refused before multiplying out (seconds, GIL held)
+    lambda h: first(h).update(shape=[1e400, 1]),  # JSON's infinity
+    lambda h: first(h).update(shape=[2.5, 4]),
+    lambda h: first(h).update(data_offsets=[0, 1e400]),
 ])
 def test_inconsistent_headers_are_corrupt(source, tmp_path, loaded, edit):
     broken = copy_with(source, tmp_path / "broken", lambda t: t)
@@ -191,17 +195,24 @@ def test_unevenly_laid_out_files_are_read_tensor_by_tensor_to_the_same_values(ad
         assert torch.equal(a, want[0]) and torch.equal(b, want[1]), key
 
 
-def test_a_reused_buffer_leaves_nothing_shared_with_what_it_read(adapter_root, loaded):
+def test_a_reused_buffer_leaves_nothing_shared_with_what_it_read(adapter_root, tmp_path, loaded):
     """The loader's buffer is overwritten by its next read: what an earlier read returned must not
     view it, even where the file's dtype is the serving dtype (no conversion)."""
-    buffer = ReadBuffer()
-    first = read_adapter(KEY, adapter_root / SPECS[0].name / "1", loaded.model.config, torch.float32, buffer)
-    kept = {k: (a.clone(), b.clone()) for k, (a, b) in first.modules.items()}
-    read_adapter(KEY, adapter_root / SPECS[1].name / "1", loaded.model.config, torch.float32, buffer)
-    assert all(torch.equal(a, kept[k][0]) and torch.equal(b, kept[k][1]) for k, (a, b) in first.modules.items())
+    larger, smaller = adapter_root / SPECS[1].name / "1", adapter_root / SPECS[0].name / "1"
+    size = lambda d: (d / "adapter_model.safetensors").stat().st_size  # noqa: E731
+    assert size(larger) > size(smaller)
+    to_bf16 = lambda t: {k: v.to(torch.bfloat16) for k, v in t.items()}  # noqa: E731
+    for dtype in (torch.float32, torch.bfloat16):
+        if dtype is torch.bfloat16:  # a bf16 file served in bf16: no conversion at all
+            larger, smaller = (copy_with(d, tmp_path / f"bf16-{d.parent.name}", to_bf16) for d in (larger, smaller))
+        buffer = ReadBuffer()
+        first = read_adapter(KEY, larger, loaded.model.config, dtype, buffer)  # the buffer sized by it, then reused
+        kept = {k: (a.clone(), b.clone()) for k, (a, b) in first.modules.items()}
+        read_adapter(KEY, smaller, loaded.model.config, dtype, buffer)
+        assert all(torch.equal(a, kept[k][0]) and torch.equal(b, kept[k][1]) for k, (a, b) in first.modules.items())
 
 
-def test_activation_writes_the_factors_and_zeros_past_the_rank(adapter_root, loaded):
+def test_activation_writes_the_factors_and_zeros_past_the_rank(adapter_root, tmp_path, loaded):
     """A rows and B^T rows in the adapter's columns; a narrower adapter reusing a wider one's
     columns leaves zeros past its rank, and zeros in projections it does not target."""
     import copy
@@ -210,11 +221,13 @@ def test_activation_writes_the_factors_and_zeros_past_the_rank(adapter_root, loa
     tier = ResidentAdapters(model, 1, 2**30)  # one resident: the second reuses the first's columns
     wide = read_adapter(KEY, adapter_root / SPECS[1].name / "1", loaded.model.config, torch.float32)
     assert tier.activate(wide, set())
-    narrow = read_adapter(AdapterKey("local", "narrow/1"), adapter_root / SPECS[0].name / "1",
-                          loaded.model.config, torch.float32)
-    assert tier.activate(narrow, set()) and not tier.is_active(wide)
+    assert any(t.lora.a[4:8].any() for t in tier.projections.values())  # wide's weights where narrow's zeros go
+    rank_4 = copy_with(adapter_root / SPECS[0].name / "1", tmp_path / "rank-4",
+                       lambda t: {k: (v[:4] if ".lora_A." in k else v[:, :4]).contiguous() for k, v in t.items()})
+    narrow = read_adapter(AdapterKey("local", "narrow/1"), rank_4, loaded.model.config, torch.float32)
+    assert narrow.rank == 4 and tier.activate(narrow, set()) and not tier.is_active(wide)
     lo, hi = tier._columns[narrow]
-    assert lo == 0 and hi == slot_width(SPECS[0].rank)
+    assert lo == 0 and hi == slot_width(4) == 8  # 4 columns of weights, 4 of zeros where wide's were
     for key, target in tier.projections.items():
         a_rows, b_rows = target.lora.a[: slot_width(SPECS[1].rank)], target.lora.b_t[: slot_width(SPECS[1].rank)]
         pair = narrow.modules.get(key)
@@ -255,3 +268,19 @@ def test_the_first_load_makes_the_pool_so_the_first_activation_only_installs_it(
     assert tier.capacity * tier._column_bytes <= 64 * 2**20 and tier._made is None
     tier.make_pool()  # later loads: nothing more is made
     assert tier._made is None
+
+
+def test_the_builder_has_the_first_load_make_the_pool(adapter_root, make_engine):
+    """The store's before_load is the device tier's make_pool: one load, and the pool is made off the
+    engine thread, at the budget's size, for the first activation to install (tested above)."""
+    from server.config import AdapterConfig
+
+    engine = make_engine(AdapterConfig(adapters_dir=str(adapter_root)))
+    tier = engine.engine.scheduler.adapters
+    if not tier.preallocated:
+        pytest.skip("this host's free memory does not preallocate the adapter pool")
+    assert tier.capacity == 0 and tier._made is None
+    engine.store.get(engine.store.key_for(f"{SPECS[0].name}/1", None)).result()
+    made = tier._made
+    assert made is not None and made.keys() == tier.projections.keys()
+    assert next(iter(made.values()))[0].shape[0] == tier._budget_columns()

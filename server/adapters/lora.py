@@ -322,6 +322,7 @@ class ResidentAdapters:
         self.capacity = 0
         self.preallocated = preallocate
         self._made: Optional[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = None  # make_pool's buffers
+        self._pool_claimed = False  # a loader has made (or tried to make) the pool, or the engine made its own
         self._making = threading.Lock()
         self.loads = 0
         self.evictions = 0
@@ -413,8 +414,9 @@ class ResidentAdapters:
         running stream for it (0.24 s for the default 1 GB in-process, ~1.5 s through the server
         on the development VM, whose fresh memory is slow)."""
         with self._making:
-            if not self.preallocated or self.capacity or self._made is not None:
+            if not self.preallocated or self._pool_claimed:
                 return
+            self._pool_claimed = True  # once: a failure is not retried by every later load
             columns = self._budget_columns()
             try:
                 self._made = {key: (torch.zeros(columns, m.in_features, device=self.device, dtype=self.dtype),
@@ -424,9 +426,10 @@ class ResidentAdapters:
                 log.warning("could not make the adapter pool ahead of its first use: %s", exc)
 
     def _install_made(self, columns: int) -> bool:
-        """The buffers make_pool made, if it has (waiting while a loader is still making them)."""
+        """The buffers make_pool made, if it has (waiting while a loader is still making them). No
+        loader makes another after this, whether or not there was one to install."""
         with self._making:
-            made, self._made = self._made, None
+            made, self._made, self._pool_claimed = self._made, None, True
         if made is None or columns > next(iter(made.values()))[0].shape[0]:
             return False
         for key, module in self.projections.items():

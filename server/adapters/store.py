@@ -163,7 +163,8 @@ class AdapterStore:
     def _load(self, key: AdapterKey, produce: Callable[[], AdapterWeights]) -> AdapterWeights:
         started = time.monotonic()
         try:
-            self.before_load()
+            with self._on_cpu():  # (zeroing the device tier's pool takes a core like parsing)
+                self.before_load()
             weights = produce()
         except Exception:
             self.stats["load_failures"] += 1

@@ -27,6 +27,7 @@ from server.model.arch import ArchConfig
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}  # Phi-3's modules
 MAX_RANK = 256
+MAX_DIMS = 8  # dimensions a header's tensor shape may have
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 
@@ -210,7 +211,7 @@ def _read_tensors(key: AdapterKey, directory: Path, buffer: ReadBuffer) -> FileT
         if tensors is None:
             loaded = load_file(str(path))
             tensors = FileTensors({k: tuple(v.shape) for k, v in loaded.items()}, loaded=loaded)
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, OverflowError, struct.error) as exc:
         raise AdapterLoadError(f"adapter {key}: corrupt adapter_model.safetensors ({exc})") from None
     # one sum over the whole buffer: a NaN or inf anywhere makes it non-finite (so does an overflow,
     # which the check of each tensor that follows then clears), and names the weight
@@ -247,13 +248,22 @@ def _read_one_dtype(path: Path, buffer: ReadBuffer) -> Optional[FileTensors]:
     tensors, covered = FileTensors({}, data[8 + header_len : 8 + header_len + end].view(dtype)), 0
     for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
         begin, stop = (int(o) for o in entry["data_offsets"])
-        shape = tuple(int(d) for d in entry["shape"])
+        shape = _shape(name, entry["shape"])
         # laid end to end, each as long as its shape says (what safetensors itself checks)
-        if begin != covered or min(shape, default=0) < 0 or stop - begin != math.prod(shape) * item:
+        if begin != covered or stop - begin != math.prod(shape) * item:
             raise ValueError(f"tensor {name!r} has inconsistent offsets")
         tensors.shapes[name], tensors.offsets[name] = shape, begin // item
         covered = stop
     return tensors
+
+
+def _shape(name: str, raw: Any) -> tuple[int, ...]:
+    """A tensor's shape from the header: a short list of non-negative integers (a LoRA factor has
+    two; a list of thousands would take the interpreter seconds to multiply out, with the GIL held)."""
+    if (not isinstance(raw, list) or len(raw) > MAX_DIMS
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw)):
+        raise ValueError(f"tensor {name!r} has a malformed shape")
+    return tuple(raw)
 
 
 Module = tuple[int, str]  # (layer, projection)

@@ -79,10 +79,10 @@ def build_serving_engine(settings: Settings, progress: StartProgress = lambda ph
     inside a 24-adapter cold burst: 214 ms, with every load and step stalled). Not for tests that
     build many engines: frozen objects in cycles are never freed."""
     engine = build_engine(settings, progress=progress)
-    engine.guides.prepare()  # in the background: serving starts without waiting for it
     gc.collect()
     gc.freeze()
     log.info("start-up heap frozen out of the garbage collector (%d objects)", gc.get_freeze_count())
+    engine.guides.prepare()  # in the background, after the freeze: serving starts without waiting for it
     return engine
 
 
