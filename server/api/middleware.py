@@ -168,14 +168,19 @@ class CountRequests:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = {"code": 500}
+        started = {"response": False}
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _SANE_ID.match(incoming) else uuid.uuid4().hex
         REQUEST_ID.set(request_id)
 
+        def count(code: int) -> None:
+            HTTP_REQUESTS.labels(getattr(scope.get("route"), "path", "unmatched"), str(code)).inc()
+
         async def remember(message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                # counted before the client can see the response, so a scrape it sends next includes it
+                started["response"] = True
+                count(message["status"])
                 message = {**message, "headers": [*message.get("headers", []),
                                                   (b"x-request-id", request_id.encode())]}
             await send(message)
@@ -183,5 +188,5 @@ class CountRequests:
         try:
             await self.app(scope, receive, remember)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            HTTP_REQUESTS.labels(route, str(status["code"])).inc()
+            if not started["response"]:  # failed before answering: the server's 500
+                count(500)
