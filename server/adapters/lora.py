@@ -300,8 +300,9 @@ class ResidentAdapters:
     Each projection owns two buffers (A rows, B^T rows) with one column range (whole slots) per
     resident adapter. Activating writes only the new adapter's columns (zeros where it has no
     weights, so a reused range never leaks an evicted adapter); evicting frees the range. On CPU
-    a step's adapters are kept side by side (`_pack_together`), and the buffers are made whole at
-    the first activation when `preallocate`; otherwise they grow by doubling (`_grow_to`).
+    a step's adapters are kept side by side (`_pack_together`), and with `preallocate` the buffers
+    are made whole once (`make_pool` on the first load's thread, else the first activation);
+    otherwise they grow by doubling (`_grow_to`).
     """
 
     def __init__(self, model: CausalLM, max_active: int, max_bytes: int, preallocate: bool = False) -> None:
@@ -388,9 +389,9 @@ class ResidentAdapters:
         `preallocate` (the builder's choice on CPU) the whole pool the budget allows is made by
         the first load's loader thread (make_pool), else by the first activation, so no later
         one waits for a regrowth or pays first-touch page faults (measured: 1.6 ms an activation
-        against 14 in untouched buffers); past it only by the
-        fragment a wider adapter lacks among the holes. Otherwise the buffers start small and
-        double: a CUDA graph's window spans the whole capacity, so it is kept near what is in use."""
+        against 14 in untouched buffers); past it only by the fragment a wider adapter lacks
+        among the holes. Otherwise the buffers start small and double: a CUDA graph's window spans
+        the whole capacity, so it is kept near what is in use."""
         if columns <= self.capacity:
             return
         if self.preallocated and not self.capacity and self._install_made(columns):
@@ -399,14 +400,19 @@ class ResidentAdapters:
             new_capacity = max(columns, self._budget_columns()) if not self.capacity else columns + 4 * SLOT_COLUMNS
         else:
             new_capacity = max(columns, 2 * self.capacity, 16)
-        for module in self.projections.values():
-            a = torch.zeros(new_capacity, module.in_features, device=self.device, dtype=self.dtype)  # [cols, in]
-            b_t = torch.zeros(new_capacity, module.out_features, device=self.device, dtype=self.dtype)  # [cols, out]
+        for key, (a, b_t) in self._zeroed(new_capacity).items():
+            module = self.projections[key]
             if module.lora is not None and self.capacity:  # (lora left by an earlier tier on this model: replaced)
                 a[: self.capacity] = module.lora.a
                 b_t[: self.capacity] = module.lora.b_t
             module.lora = PackedLora(a, b_t)
         self.capacity = new_capacity
+
+    def _zeroed(self, columns: int) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+        """New zeroed buffers for every projection: A rows [columns, in], B^T rows [columns, out]."""
+        return {key: (torch.zeros(columns, m.in_features, device=self.device, dtype=self.dtype),
+                      torch.zeros(columns, m.out_features, device=self.device, dtype=self.dtype))
+                for key, m in self.projections.items()}
 
     def make_pool(self) -> None:
         """On a loader thread, ahead of the first activation: the preallocated pool's buffers,
@@ -417,11 +423,8 @@ class ResidentAdapters:
             if not self.preallocated or self._pool_claimed:
                 return
             self._pool_claimed = True  # once: a failure is not retried by every later load
-            columns = self._budget_columns()
             try:
-                self._made = {key: (torch.zeros(columns, m.in_features, device=self.device, dtype=self.dtype),
-                                    torch.zeros(columns, m.out_features, device=self.device, dtype=self.dtype))
-                              for key, m in self.projections.items()}
+                self._made = self._zeroed(self._budget_columns())
             except RuntimeError as exc:  # out of memory: the first activation tries again and reports it
                 log.warning("could not make the adapter pool ahead of its first use: %s", exc)
 
@@ -430,11 +433,12 @@ class ResidentAdapters:
         loader makes another after this, whether or not there was one to install."""
         with self._making:
             made, self._made, self._pool_claimed = self._made, None, True
-        if made is None or columns > next(iter(made.values()))[0].shape[0]:
+        made_columns = next(iter(made.values()))[0].shape[0] if made else 0
+        if columns > made_columns:
             return False
         for key, module in self.projections.items():
             module.lora = PackedLora(*made[key])
-        self.capacity = next(iter(made.values()))[0].shape[0]
+        self.capacity = made_columns
         return True
 
     def _budget_columns(self) -> int:
