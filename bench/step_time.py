@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/step_time.py --dtype bfloat16 --batches 1 8 32
     .venv/bin/python bench/step_time.py --root /tmp/old-checkout ...   # the same, on another commit's code
+    .venv/bin/python bench/step_time.py --adapters 8 ...   # rows spread over 8 random rank-8 adapters
 
 The optimisation log in docs/benchmarks.md compares commits by running this for each, alternating,
 in one invocation (see `--root`); only ratios between such runs mean anything on a shared machine.
@@ -17,8 +18,23 @@ from dataclasses import replace
 from pathlib import Path
 
 
+def random_adapters(model, count: int, rank: int, dtype) -> list:
+    """`count` adapters of rank `rank` on every projection of every layer, in the serving dtype."""
+    import torch
+
+    from server.adapters.weights import AdapterKey, AdapterWeights
+
+    adapters = []
+    for i in range(count):
+        modules = {key: ((torch.randn(rank, t.in_features) * 0.01).to(dtype),
+                         (torch.randn(t.out_features, rank) * 0.01).to(dtype))
+                   for key, t in model.lora_targets().items()}
+        adapters.append(AdapterWeights(AdapterKey("local", f"random-{i}"), rank, modules))
+    return adapters
+
+
 def measure(batches: list[int], dtype: str, new_tokens: int, threads: int, quantize: str,
-            kv_cache: str) -> dict[int, float]:
+            kv_cache: str, adapters: int = 0) -> dict[int, float]:
     import torch
 
     from server.config import Limits, ModelConfig, Settings
@@ -32,6 +48,7 @@ def measure(batches: list[int], dtype: str, new_tokens: int, threads: int, quant
     extra.update({"kv_cache": kv_cache} if kv_cache != "auto" else {})
     loaded = load_model(ModelConfig(model="default", device="cpu", dtype=dtype, **extra))
     engine = build_engine(Settings(limits=replace(Limits(), max_batch_size=max(batches))), loaded).engine
+    mix = random_adapters(loaded.model, adapters, 8, loaded.dtype)
     results = {}
     for batch in batches:
         requests = []
@@ -39,6 +56,7 @@ def measure(batches: list[int], dtype: str, new_tokens: int, threads: int, quant
             prompt = loaded.tokenizer(f"Story number {i}: once upon a time")["input_ids"]
             request = Request(prompt_ids=prompt, params=SamplingParams(), sink=lambda event: None,
                               stop=StopCriteria(max_new_tokens=new_tokens, ignore_eos=True),
+                              adapter=mix[i % len(mix)] if mix else None,
                               detokenizer=IncrementalDetokenizer(loaded.tokenizer, prompt, loaded.special_token_ids))
             engine.scheduler.add(request)
             requests.append(request)
@@ -61,11 +79,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantize", default="none", choices=("none", "int8"))
     parser.add_argument("--kv-cache", default="auto", choices=("auto", "paged", "dense"))
+    parser.add_argument("--adapters", type=int, default=0, help="spread the rows over this many random adapters")
     args = parser.parse_args()
     sys.path.insert(0, str(args.root))
-    ms = measure(args.batches, args.dtype, args.new_tokens, args.threads, args.quantize, args.kv_cache)
+    ms = measure(args.batches, args.dtype, args.new_tokens, args.threads, args.quantize, args.kv_cache,
+                 **({"adapters": args.adapters} if args.adapters else {}))
     print(json.dumps({"root": str(args.root), "dtype": args.dtype, "quantize": args.quantize, "threads": args.threads,
-                      "kv_cache": args.kv_cache,
+                      "kv_cache": args.kv_cache, "adapters": args.adapters,
                       "step_ms": {b: round(v, 2) for b, v in ms.items()}}))
 
 

@@ -95,3 +95,43 @@ def test_int8_decode_weights_stay_close_to_the_float_model(loaded, reference):
         # measured 2-6% (transformers' own bf16 model: 1.4-2%); the next token is the same
         assert (ours - exact).norm() / exact.norm() < 0.08, prompt
         assert ours.argmax() == exact.argmax(), prompt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepacked_cpu_weights_compute_what_the_plain_weights_do(loaded, dtype):
+    """The serving model computes with oneDNN-packed weights on CPU: the same logits as the plain
+    weights (bit for bit in bf16), and the float copies are freed except the tied LM head's."""
+    from server.engine.kv_cache import KVCache
+    from server.model.decoder import CausalLM, ForwardBatch
+    from server.model.layers import Projection, prepack_cpu_weights
+
+    plain = CausalLM.from_pretrained(loaded.model_dir, torch.device("cpu"), dtype)
+    packed = CausalLM.from_pretrained(loaded.model_dir, torch.device("cpu"), dtype)
+    head = packed.lm_head.weight
+    assert head is packed.model.embed_tokens.weight  # tied: kept beside its packed copy
+    assert prepack_cpu_weights(packed) == head.numel() * head.element_size()
+    projections = [m for m in packed.modules() if isinstance(m, Projection)]
+    assert all(m.packed is not None for m in projections)
+    assert all(m.weight.numel() == 0 for m in projections if m is not packed.lm_head)
+    assert all(m.packed is not None for m in loaded.model.modules() if isinstance(m, Projection))  # load_model packs
+
+    ids = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
+    logits = []
+    for model in (plain, packed):
+        kv = KVCache(model.config, len(ids), 64, torch.device("cpu"), dtype)
+        kv.ensure_capacity(64)
+        prefill = ForwardBatch(input_ids=torch.tensor(sum(ids, [])),
+                               positions=torch.cat([torch.arange(len(i)) for i in ids]),
+                               slots=torch.arange(len(ids)), query_lens=[len(i) for i in ids],
+                               context_lens=[len(i) for i in ids], is_decode=False)
+        lens = torch.tensor([len(i) + 1 for i in ids])
+        decode = ForwardBatch(input_ids=torch.tensor([7, 8, 9]), positions=lens - 1, slots=torch.arange(len(ids)),
+                              query_lens=[1] * len(ids), context_lens=lens.tolist(), is_decode=True,
+                              dense_slots=True, kv_lens=lens, attend_len=int(lens.max()))
+        with torch.no_grad():
+            logits.append((model(prefill, kv), model(decode, kv)))
+    for ours, theirs in zip(*logits):
+        if dtype == torch.bfloat16:
+            assert torch.equal(ours, theirs)
+        else:
+            torch.testing.assert_close(ours, theirs, atol=2e-4, rtol=1e-4)

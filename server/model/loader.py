@@ -16,7 +16,7 @@ from server.errors import StartupError, one_line
 from server.model.decoder import CausalLM, prefer_planless_attention
 from server.model.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from server.model.generation import GenerationDefaults
-from server.model.layers import quantize_int8
+from server.model.layers import prepack_cpu_weights, quantize_int8
 from server.model.model_dir import local_model_dir
 
 log = logging.getLogger(__name__)
@@ -137,5 +137,7 @@ def load_model(config: ModelConfig, resolved: tuple[str, Path] | None = None) ->
             raise ValueError(f"quantize int8 needs dtype bfloat16; the model runs as {dtype}"
                              + (" because this CPU has no native bf16" if config.dtype == "auto" else ""))
         log.info("int8 decode weights: %.0f MB added", quantize_int8(model) / 2**20)
+    if device.type == "cpu":
+        log.info("CPU weights prepacked for oneDNN: %.0f MB added", prepack_cpu_weights(model) / 2**20)
     return LoadedModel(name, model_dir, model, tokenizer, device, dtype, GenerationDefaults.read(model_dir))
 
