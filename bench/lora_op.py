@@ -56,6 +56,8 @@ def cases() -> dict[str, dict]:
     out["decode-32x8-contiguous"] = case([1] * 32, [i % 8 for i in range(32)])  # the first 8 loaded
     out["decode-32x32-contiguous"] = case([1] * 32, list(range(32)))  # as the device tier packs a batch's adapters
     out["prefill-8x32tok-8"] = case([32] * 8, spread(8, 8, 99))
+    out["prefill-1x256tok-1"] = case([256], spread(1, 1, 5))
+    out["decode-1x1"] = case([1], spread(1, 1, 3))
     out["mixed-24dec+2x64tok-24"] = case([1] * 24 + [64, 64], spread(24, 24, 7) + spread(2, 2, 8))
     return out
 
@@ -64,8 +66,11 @@ def candidates(c: dict, a: torch.Tensor, b_t: torch.Tensor) -> dict[str, Op]:
     planner = LoraPlanner.for_device(torch.device("cpu"), torch.get_default_dtype())
     ranges, lens = c["ranges"], c["query_lens"]
     plans = {"auto": planner.plan(ranges, lens), "masked_window": planner._window(ranges, lens),
+             "one_adapter": planner._window(ranges, lens) if c["distinct"] > 1 else planner.plan(ranges, lens),
              "sorted_runs": planner._runs(ranges, lens), "sorted_groups": planner._groups(ranges, lens),
              "gathered_rows": planner._gathered(ranges, lens)}
+    if planner.kernel is not None:
+        plans["token_columns"] = planner._token_columns(ranges, lens)
     ops: dict[str, Op] = {name: (lambda x, p=p: lora_delta(x, a, b_t, p)) for name, p in plans.items()}
     ops["auto"].method = type(plans["auto"]).__name__
     return ops

@@ -81,7 +81,12 @@ def test_a_batch_of_many_adapters_equals_peft_for_each(make_engine, adapter_root
         return await asyncio.gather(*(collect(engine, greedy(prompt, new, adapter_id=f"{n}/1" if n else None))
                                       for n in names))
 
-    for names in ([*list(dirs)[:12], None], [*dirs, None], "bf16 costs", [*list(dirs)[:12], None]):
+    kernel = resident.planner.kernel  # the C kernel where it builds (TokenColumns), then torch's methods
+    for names in ([*list(dirs)[:12], None], "torch", [*list(dirs)[:12], None], [*dirs, None], "bf16 costs",
+                  [*list(dirs)[:12], None]):
+        if names == "torch":
+            resident.planner.kernel = None
+            continue
         if names == "bf16 costs":  # costs that make gathering each row's columns the cheapest
             resident.planner.costs = dataclasses.replace(BF16_COSTS, window_per_token_column=10.0)
             continue
@@ -90,6 +95,7 @@ def test_a_batch_of_many_adapters_equals_peft_for_each(make_engine, adapter_root
             assert tokens == want[name], name
     assert len(resident.active) == 14 and resident.evictions == 0
     assert {"SortedGroups", "SortedRuns", "GatheredRows"} <= set(plans), plans
+    assert ("TokenColumns" in plans) == (kernel is not None), plans
 
 
 def test_adapters_scattered_among_idle_ones_are_packed_together_and_still_equal_peft(
@@ -105,6 +111,7 @@ def test_adapters_scattered_among_idle_ones_are_packed_together_and_still_equal_
     want = peft_greedy_each(loaded.model_dir, dirs, loaded.tokenizer(prompt)["input_ids"], new)
     engine = make_engine(adapters=AdapterConfig(adapters_dir=str(tmp_path)))
     resident = engine.engine.scheduler.adapters
+    resident.planner.kernel = None  # packing is for torch's masked window (the C kernel reads columns in place)
 
     async def batch(names):
         return await asyncio.gather(*(collect(engine, greedy(prompt, new, adapter_id=f"{n}/1")) for n in names))

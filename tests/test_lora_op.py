@@ -5,7 +5,17 @@ from typing import Optional, Sequence
 import pytest
 import torch
 
-from server.adapters.lora import SLOT_COLUMNS, LoraPlanner, MaskedWindow, lora_delta, slot_width
+from server.adapters.lora import (
+    BF16_COSTS,
+    FP32_COSTS,
+    KERNEL_MAX_ONE_ADAPTER_TOKENS,
+    SLOT_COLUMNS,
+    LoraPlanner,
+    MaskedWindow,
+    lora_delta,
+    slot_width,
+)
+from server.kernels.native import lora_kernel
 
 IN, OUT = 48, 40
 
@@ -42,10 +52,15 @@ def pack(adapters, gap_slots: int = 0) -> tuple[torch.Tensor, torch.Tensor, list
     return a, b_t, offsets
 
 
-PLANNER = LoraPlanner.for_device(torch.device("cpu"), torch.float32)
-BF16_PLANNER = LoraPlanner.for_device(torch.device("cpu"), torch.bfloat16)
+CPU = torch.device("cpu")
+PLANNER = LoraPlanner(CPU, torch.float32, FP32_COSTS)  # torch ops only, picked by the cost model
+BF16_PLANNER = LoraPlanner(CPU, torch.bfloat16, BF16_COSTS)
+SERVING_PLANNER = LoraPlanner.for_device(CPU, torch.float32)  # with the C kernel where it builds
 METHODS = {"window": PLANNER._window, "runs": PLANNER._runs, "groups": PLANNER._groups,
-           "gathered": PLANNER._gathered, "auto": PLANNER.plan, "auto_bf16_costs": lambda *a: BF16_PLANNER.plan(*a)}
+           "gathered": PLANNER._gathered, "auto": PLANNER.plan, "auto_bf16_costs": lambda *a: BF16_PLANNER.plan(*a),
+           "serving": SERVING_PLANNER.plan}
+if SERVING_PLANNER.kernel is not None:
+    METHODS["columns"] = SERVING_PLANNER._token_columns
 CASES = [
     ([8], [0, 0, 0]),  # one adapter
     ([8, 32, 4], [0, 1, 2, 1, 0]),  # mixed ranks
@@ -157,3 +172,61 @@ def test_column_allocator_reuses_and_merges_holes(ops, expected_free, expected_e
         else:
             allocator.release(*ranges[arg])
     assert allocator.free == expected_free and allocator.end == expected_end
+
+
+def test_the_kernel_is_built_where_there_is_a_compiler():
+    import shutil
+
+    assert (lora_kernel() is not None) == (shutil.which("cc") is not None or shutil.which("gcc") is not None)
+
+
+needs_kernel = pytest.mark.skipif(lora_kernel() is None, reason="no C compiler here: torch ops only")
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "ranges, lens, expected",
+    [
+        ([(8, 16)] * 3, [1, 1, 5], "TokenColumns"),  # one adapter, few tokens: the kernel
+        ([(8, 16)], [KERNEL_MAX_ONE_ADAPTER_TOKENS], "OneAdapter"),  # one adapter's long prefill: two matmuls
+        ([(0, 8), (8, 16), None], [1, 1, 1], "TokenColumns"),
+        ([(0, 8), (400, 408), (800, 808)], [40, 40, 40], "TokenColumns"),
+    ],
+)
+def test_with_the_kernel_the_planner_uses_it_but_for_long_one_adapter_steps(ranges, lens, expected):
+    assert type(SERVING_PLANNER.plan(ranges, lens)).__name__ == expected
+
+
+@needs_kernel
+def test_the_kernel_in_bf16_against_the_float64_reference():
+    adapters = [(a.bfloat16(), b.bfloat16()) for a, b in make_adapters([8, 16, 8])]
+    a, b_t, offsets = pack(adapters, gap_slots=1)
+    a, b_t = a.bfloat16(), b_t.bfloat16()
+    rows, lens = [2, None, 0, 1], [3, 1, 1, 2]
+    x = torch.randn(sum(lens), IN).bfloat16()
+    ranges = tuple(offsets[r] if r is not None else None for r in rows)
+    per_token = [r for r, n in zip(rows, lens) for _ in range(n)]
+    want = lora_reference(x, [adapters[r] if r is not None else None for r in per_token])
+    y = torch.zeros(sum(lens), OUT, dtype=torch.bfloat16)
+    LoraPlanner.for_device(CPU, torch.bfloat16)._token_columns(ranges, tuple(lens)).add(y, x, a, b_t)
+    torch.testing.assert_close(y.double(), want, atol=0.05, rtol=1e-2)  # one bf16 rounding of y
+
+
+@needs_kernel
+def test_the_kernel_refuses_tensors_it_cannot_read():
+    kernel = lora_kernel()
+    x, a, b_t = torch.randn(2, IN), torch.randn(16, IN), torch.randn(16, OUT)
+    lo, width = torch.zeros(2, dtype=torch.int32), torch.full((2,), 8, dtype=torch.int32)
+    y = torch.zeros(2, OUT)
+    with pytest.raises(ValueError):
+        kernel(y, x, a.t().contiguous().t(), b_t, lo, width)  # A not row-major
+    with pytest.raises(ValueError):
+        kernel(y, x.bfloat16(), a, b_t, lo, width)  # mixed dtypes
+    with pytest.raises(ValueError):
+        kernel(y, x, a, b_t, lo.long(), width)  # int64 offsets
+    with pytest.raises(ValueError):
+        kernel(y, x, a, b_t, lo, torch.full((2,), 2000, dtype=torch.int32))  # wider than the kernel's bound
+    with pytest.raises(ValueError):
+        kernel(y, x, a, b_t, torch.tensor([0, 12], dtype=torch.int32), width)  # past the buffers' 16 columns
+    with pytest.raises(ValueError):
+        kernel(y, x, a, b_t, torch.tensor([-8, 0], dtype=torch.int32), width)

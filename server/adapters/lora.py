@@ -5,9 +5,10 @@ the rank axis of each target projection, in slots of SLOT_COLUMNS columns. Each 
 LoraBatch built once by a planner: one adapter for every token (two plain matmuls), a masked
 column window (two matmuls however many adapters, cost growing with the window's width), tokens
 sorted by adapter into one grouped matmul each way over the window's slots, sorted runs of tokens
-with a pair of matmuls per adapter, or each token's columns gathered (BGMV). On CPU the cheapest is
-picked per step from a cost model per dtype measured by bench/lora_op.py; on CUDA the window (what
-the decode graphs capture).
+with a pair of matmuls per adapter, each token's columns gathered (BGMV), or each token's own
+columns read in place by a C kernel (server/kernels, CPU). On CPU the cheapest is picked per step
+from a cost model per dtype measured by bench/lora_op.py; on CUDA the window (what the decode
+graphs capture).
 """
 
 from __future__ import annotations
@@ -21,12 +22,17 @@ import torch
 import torch.nn.functional as F
 
 from server.adapters.weights import AdapterKey, AdapterWeights
+from server.kernels.native import LoraKernel, lora_kernel
 from server.model.decoder import CausalLM
 from server.model.layers import LoraTarget
 
 log = logging.getLogger(__name__)
 
 SLOT_COLUMNS = 8  # packed columns are allocated in slots this wide, so a rank-8 adapter is one slot
+# With the C kernel, one adapter for every token still takes two plain matmuls from this many tokens
+# (a prefill): bench/lora_op.py, bf16, per layer: 1 token 181 us plain vs 37 kernel, 32 tokens 250
+# vs 129, 256 tokens 608 vs 806
+KERNEL_MAX_ONE_ADAPTER_TOKENS = 128
 SPREAD_SLACK = 2  # adapters' widths a step's adapters may spread beyond their own before they are packed
 Range = tuple[int, int]  # an adapter's packed columns [lo, hi)
 Ranges = tuple[Optional[Range], ...]  # per sequence; None: the base model
@@ -132,6 +138,19 @@ class GatheredRows(LoraBatch):
 
 
 @dataclass(frozen=True)
+class TokenColumns(LoraBatch):
+    """Each token's own columns [lo, lo + width), read in place by a C kernel (server/kernels): the
+    cost of its own rank per token, whatever the step mixes, and no copies (CPU)."""
+
+    lo: Optional[torch.Tensor] = None  # [tokens] int32
+    width: Optional[torch.Tensor] = None  # [tokens] int32, 0: the base model
+    kernel: Optional[LoraKernel] = None
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
+        self.kernel(y, x, a, b_t, self.lo, self.width)
+
+
+@dataclass(frozen=True)
 class PackedLora:
     """The packed adapters of one projection; its LoraTarget calls it when the batch carries LoRA."""
 
@@ -173,22 +192,27 @@ class LoraPlanner:
     """Builds each step's LoraBatch; with a cost model (CPU) it picks the cheapest method, without
     one (CUDA) the masked window."""
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, costs: Optional[LoraCosts]) -> None:
-        self.device, self.dtype, self.costs = device, dtype, costs
+    def __init__(self, device: torch.device, dtype: torch.dtype, costs: Optional[LoraCosts],
+                 kernel: Optional[LoraKernel] = None) -> None:
+        self.device, self.dtype, self.costs, self.kernel = device, dtype, costs, kernel
 
     @classmethod
     def for_device(cls, device: torch.device, dtype: torch.dtype) -> "LoraPlanner":
         if device.type != "cpu":
             return cls(device, dtype, None)
-        return cls(device, dtype, BF16_COSTS if dtype in (torch.bfloat16, torch.float16) else FP32_COSTS)
+        kernel = lora_kernel() if dtype in (torch.bfloat16, torch.float32) else None
+        return cls(device, dtype, BF16_COSTS if dtype in (torch.bfloat16, torch.float16) else FP32_COSTS, kernel)
 
     def plan(self, ranges: Sequence[Optional[Range]], query_lens: Sequence[int]) -> Optional[LoraBatch]:
         ranges, query_lens = tuple(ranges), tuple(query_lens)
         used = sorted({r for r in ranges if r is not None})
         if not used:
             return None
-        if len(used) == 1 and all(r is not None for r in ranges):
+        one_adapter = len(used) == 1 and all(r is not None for r in ranges)
+        if one_adapter and (self.kernel is None or sum(query_lens) >= KERNEL_MAX_ONE_ADAPTER_TOKENS):
             return OneAdapter(ranges, query_lens, *used[0])
+        if self.kernel is not None:  # faster than every other method in every case bench/lora_op.py has
+            return self._token_columns(ranges, query_lens)
         if self.costs is None:
             return self._window(ranges, query_lens)
         return min(self._estimates(used, sum(query_lens), sum(n for r, n in zip(ranges, query_lens) if r is not None)),
@@ -217,6 +241,14 @@ class LoraPlanner:
                 mask[start : start + n, r[0] - lo : r[1] - lo] = 1
             start += n
         return MaskedWindow(ranges, query_lens, lo, hi, mask.to(self.device))
+
+    def _token_columns(self, ranges: Ranges, query_lens: tuple[int, ...]) -> TokenColumns:
+        lo, width = [], []
+        for r, n in zip(ranges, query_lens):
+            lo.extend([0 if r is None else r[0]] * n)
+            width.extend([0 if r is None else r[1] - r[0]] * n)
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+        return TokenColumns(ranges, query_lens, as_tensor(lo), as_tensor(width), self.kernel)
 
     def _sorted_tokens(self, ranges: Ranges, query_lens: tuple[int, ...]) -> list[tuple[Range, int]]:
         """(range, token row) of every adapter token, sorted by the range (stable: rows ascending)."""
@@ -462,7 +494,7 @@ class ResidentAdapters:
         self, row_adapters: Sequence[Optional[AdapterWeights]], query_lens: Sequence[int]
     ) -> Optional[LoraBatch]:
         """The LoraBatch for a step whose sequence i uses row_adapters[i] for query_lens[i] tokens."""
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and self.planner.kernel is None:  # (the kernel reads columns wherever they are)
             self._pack_together({a for a in row_adapters if a is not None})
         return self.planner.plan([self._columns[a] if a is not None else None for a in row_adapters], query_lens)
 

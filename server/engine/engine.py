@@ -148,7 +148,8 @@ class Engine:
         greedy_rows = [row for row in sampler.plain_greedy_rows(requests) if sampling[row]]
         picked: dict[int, SampledToken] = {}
         if greedy_rows:
-            picked = dict(zip(greedy_rows, sampler.greedy_batch(logits[greedy_rows])))
+            rows = logits if len(greedy_rows) == len(requests) else logits[greedy_rows]  # (all: no copy)
+            picked = dict(zip(greedy_rows, sampler.greedy_batch(rows)))
         for row, request in enumerate(requests):
             if not sampling[row] or request.is_finished or request.cancel_requested:
                 continue

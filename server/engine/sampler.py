@@ -95,8 +95,11 @@ def top_alternatives(log_probs: torch.Tensor, k: int) -> tuple[Alternative, ...]
 
 def greedy_batch(logits: torch.Tensor) -> list[SampledToken]:
     """logits: [rows, vocab]. Batched argmax for plain greedy rows."""
-    tokens = logits.argmax(-1)  # [rows]
-    logprobs = logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1)  # [rows]
+    best, tokens = logits.max(-1)  # [rows] each
+    # The argmax's log-probability is -log(sum(exp(x - max))). Differences are clamped at -80, where
+    # exp is ~1e-35, below any sum's rounding: so no exp is denormal, which x86 computes slowly (32
+    # rows of wide logits: 18 ms, against 1.9 ms clamped and 2.4 ms for log_softmax + gather).
+    logprobs = (logits - best[:, None]).clamp_(min=-80.0).exp_().sum(-1).log_().neg_()  # [rows]
     return [SampledToken(int(t), float(lp)) for t, lp in zip(tokens.tolist(), logprobs.tolist())]
 
 
