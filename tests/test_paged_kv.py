@@ -144,3 +144,74 @@ def test_chunked_prefill_keeps_streams_decoding_and_changes_no_token(make_engine
     assert [short_tokens, long_tokens] == expected
     chunks = -(-long_request.num_prompt_tokens // 8)
     assert chunks >= 8 and during >= chunks - 2  # a decode row rode along in every chunk's step
+
+
+def test_decode_attention_in_place_matches_gathered_sdpa(make_engine):
+    """On CPU the paged cache's C kernel attends over the slots in place; the same batch decoded with
+    it and with gathered keys and SDPA gives the same tokens."""
+    from server.kernels.native import attention_kernel
+
+    engine = make_engine(kv_cache_memory_mb=64, **SMALL)
+    kv = engine.engine.scheduler.kv
+    assert isinstance(kv, PagedKVCache)
+    if attention_kernel() is None:
+        pytest.skip("no C compiler here: SDPA only")
+    assert kv._attend is not None
+    batch = [GenerationInput(prompt=p, params=SamplingParams(), max_new_tokens=24, ignore_eos=True)
+             for p in PROMPTS]
+    in_place = run(run_all(engine, batch))
+    kv._attend = None
+    gathered = run(run_all(engine, batch))
+    for (tokens, _, text), (want, _, want_text) in zip(in_place, gathered):
+        assert tokens == want and text == want_text
+
+
+def test_the_attention_kernel_refuses_slots_outside_the_pool():
+    import torch
+
+    from server.kernels.native import attention_kernel
+
+    kernel = attention_kernel()
+    if kernel is None:
+        pytest.skip("no C compiler here: SDPA only")
+    q, k, v = torch.randn(2, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8)
+    lens = torch.tensor([3, 2])
+    kernel(q, k, v, torch.tensor([[0, 1, 2], [3, 4, 0]]), lens, None, 0.5)  # in bounds: fine
+    for gather in (torch.tensor([[0, 1, 10], [3, 4, 0]]), torch.tensor([[0, -1, 2], [3, 4, 0]])):
+        with pytest.raises(ValueError):
+            kernel(q, k, v, gather, lens, None, 0.5)
+    with pytest.raises(ValueError):
+        kernel(q, k, v, torch.tensor([[0, 1, 2], [3, 4, 0]]), torch.tensor([4, 2]), None, 0.5)  # past attend_len
+    with pytest.raises(ValueError):
+        kernel(q, k.bfloat16(), v, torch.tensor([[0, 1, 2], [3, 4, 0]]), lens, None, 0.5)
+
+
+@pytest.mark.parametrize("dtype, dim", [("float32", 64), ("bfloat16", 64), ("bfloat16", 48)])
+def test_the_attention_kernel_against_a_float64_softmax(dtype, dim):
+    """GQA (4 query heads per KV head), ragged lengths, a sliding window, q rows apart as the fused
+    projection leaves them; 64 takes the AVX512-BF16 path in bf16 where the CPU has it, 48 the other."""
+    import torch
+
+    from server.kernels.native import attention_kernel
+
+    kernel = attention_kernel()
+    if kernel is None:
+        pytest.skip("no C compiler here: SDPA only")
+    dtype = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(3)
+    heads, kv_heads, slots = 8, 2, 300
+    k, v = (torch.randn(slots, kv_heads, dim, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(4, heads + 4, dim, generator=g).to(dtype)[:, :heads]
+    gather = torch.randperm(slots, generator=g)[:4 * 70].view(4, 70).contiguous()
+    lens = torch.tensor([70, 1, 33, 64])
+    for window in (None, 16):
+        got = kernel(q, k, v, gather, lens, window, dim ** -0.5).double()
+        for s in range(4):
+            first = 0 if window is None else max(0, int(lens[s]) - window)
+            keys, values = k[gather[s, first : lens[s]]].double(), v[gather[s, first : lens[s]]].double()
+            for head in range(heads):
+                kv = head // (heads // kv_heads)
+                weights = torch.softmax(keys[:, kv] @ q[s, head].double() * dim ** -0.5, dim=0)
+                want = weights @ values[:, kv]
+                tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+                torch.testing.assert_close(got[s, head], want, atol=tolerance, rtol=tolerance)

@@ -16,23 +16,11 @@
 #include <alloca.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MAX_WIDTH 1024
 #define MAX_OUT (1 << 18) /* output features: the fp32 accumulator lives on the stack (1 MiB at most) */
 
-static inline float bf16_to_f32(uint16_t v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 /* The next token's adapter rows, asked for ahead (into L2) while this token is computed: a step
  * over several adapters reads each from memory, and the rows are too short for the hardware
@@ -66,7 +54,6 @@ static void prefetch_rows(const void *start, int64_t bytes) {
         }                                                                                     \
     }
 
-#define AS_F32(v) (v)
 SHRINK(float, AS_F32)
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>

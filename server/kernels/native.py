@@ -1,8 +1,8 @@
-"""The C kernels of lora_cpu.c: compiled once per machine and CPU with the system C compiler
-(`cc -O3 -march=native`) into loraserve's home, loaded with ctypes, and checked against torch
-before first use. Without a compiler, or if the build or the check fails, `lora_kernel()` is None
-and callers keep their torch path (the server logs why once). LORASERVE_NATIVE_KERNELS=0 turns
-them off.
+"""The C kernels (lora_cpu.c, attention_cpu.c): compiled once per machine and CPU with the system
+C compiler (`cc -O3 -march=native`) into loraserve's home, loaded with ctypes, and checked against
+torch before first use. Without a compiler, or if a build or a check fails, `lora_kernel()` or
+`attention_kernel()` is None and callers keep their torch path (the server logs why once).
+LORASERVE_NATIVE_KERNELS=0 turns them off.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -25,12 +26,14 @@ from server.model.default_model import loraserve_home
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("lora_cpu.c")
+HERE = Path(__file__).parent
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-shared", "-fPIC")
 MAX_WIDTH = 1024  # lora_cpu.c's bound on one token's columns
+MAX_DIM, MAX_GROUP = 256, 16  # attention_cpu.c's bounds: head size, query heads per KV head
 BuildError = (OSError, subprocess.SubprocessError)
 
 LoraKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+AttentionKernel = Callable[..., torch.Tensor]
 
 
 def _cpu_fingerprint() -> str:
@@ -44,19 +47,36 @@ def _cpu_fingerprint() -> str:
     return f"{platform.machine()} {flags}"
 
 
-def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *FLAGS, _cpu_fingerprint())).encode()).hexdigest()[:16]
-    target = loraserve_home() / "kernels" / f"lora_cpu-{key}.so"
+def _build(compiler: str, source: Path) -> Path:
+    code = source.read_bytes() + (HERE / "bf16.h").read_bytes()  # (the header both sources include)
+    key = hashlib.sha256(code + " ".join((compiler, *FLAGS, _cpu_fingerprint())).encode()).hexdigest()[:16]
+    target = loraserve_home() / "kernels" / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: atomic
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], check=True, capture_output=True,
+        subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], check=True, capture_output=True,
                        timeout=120)
         os.replace(built, target)
     return target
+
+
+def _library(source: str, what: str) -> Optional[ctypes.CDLL]:
+    """The built library of HERE/source, or None with the reason logged (`what` it would have sped up)."""
+    if os.environ.get("LORASERVE_NATIVE_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        log.warning("no C compiler (cc): %s use torch ops", what)
+        return None
+    try:
+        return ctypes.CDLL(str(_build(compiler, HERE / source)))
+    except BuildError as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        log.warning("could not build %s (%s%s): %s use torch ops", source, exc,
+                    f"; {detail.decode(errors='replace')[-500:]}" if detail else "", what)
+        return None
 
 
 def _bind(library: ctypes.CDLL) -> dict[torch.dtype, Callable[..., int]]:
@@ -108,23 +128,83 @@ def _agrees(kernel: LoraKernel) -> bool:
     return True
 
 
-@functools.cache
-def lora_kernel() -> Optional[LoraKernel]:
-    """The per-token LoRA kernel, or None (and the reason logged once) where it can't be had."""
-    if os.environ.get("LORASERVE_NATIVE_KERNELS", "1") == "0":
+def _checked(source: str, what: str, bind: Callable[[ctypes.CDLL], Callable], agrees: Callable[[Callable], bool]):
+    """The kernel `bind` makes from HERE/source's library if it passes `agrees`, else None (and why,
+    logged once): `what` keeps its torch ops."""
+    library = _library(source, what)
+    if library is None:
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        log.warning("no C compiler (cc): CPU LoRA steps use torch ops (slower with several adapters in a step)")
-        return None
-    try:
-        kernel = _bgmv(_bind(ctypes.CDLL(str(_build(compiler)))))
-    except BuildError as exc:
-        detail = getattr(exc, "stderr", b"") or b""
-        log.warning("could not build the CPU LoRA kernel (%s%s): torch ops are used instead", exc,
-                    f"; {detail.decode(errors='replace')[-500:]}" if detail else "")
-        return None
-    if not _agrees(kernel):
-        log.warning("the CPU LoRA kernel disagrees with torch on its check: torch ops are used instead")
+    kernel = bind(library)
+    if not agrees(kernel):
+        log.warning("%s disagrees with torch on its check: %s use torch ops", source, what)
         return None
     return kernel
+
+
+@functools.cache
+def lora_kernel() -> Optional[LoraKernel]:
+    """The per-token LoRA kernel, or None where it can't be had."""
+    return _checked("lora_cpu.c", "CPU LoRA steps (slower with several adapters in a step)",
+                    lambda library: _bgmv(_bind(library)), _agrees)
+
+
+def _attention(library: ctypes.CDLL) -> AttentionKernel:
+    functions = {torch.bfloat16: library.paged_decode_attention_bf16_avx512,  # (the generic one without AVX512-BF16)
+                 torch.float32: library.paged_decode_attention_float}
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for fn in functions.values():
+        fn.argtypes = (i64, i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, i64, ptr, i64, ctypes.c_float, ptr, ptr)
+        fn.restype = ctypes.c_int
+
+    def paged_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gather: torch.Tensor,
+                               lens: torch.Tensor, window: Optional[int], scale: float) -> torch.Tensor:
+        """q [seqs, heads, dim] (rows may be apart: a slice of the fused q/k/v); k, v [slots, kv_heads,
+        dim]; gather [seqs, attend_len] int64 slots; lens [seqs] int64. Returns [seqs, heads, dim]."""
+        seqs, heads, dim = q.shape
+        kv_heads = k.shape[1]
+        if not (q.dtype == k.dtype == v.dtype and q.device.type == "cpu" and q.stride(2) == 1
+                and q.stride(1) == dim and k.is_contiguous() and v.is_contiguous() and k.shape == v.shape
+                and k.shape[2] == dim and gather.dtype == lens.dtype == torch.int64 and gather.is_contiguous()
+                and lens.is_contiguous() and gather.shape[0] == lens.shape[0] == seqs):
+            raise ValueError("paged_decode_attention: tensors of the wrong dtype, device or layout")
+        out = torch.empty(seqs, heads, dim, dtype=q.dtype)
+        scratch = torch.empty(max(1, heads // kv_heads) * gather.shape[1], dtype=torch.float32)
+        rc = functions[q.dtype](seqs, heads, kv_heads, dim, q.data_ptr(), q.stride(0), k.data_ptr(), v.data_ptr(),
+                                k.shape[0], gather.data_ptr(), gather.shape[1], lens.data_ptr(), window or 0,
+                                scale, out.data_ptr(), scratch.data_ptr())
+        if rc != 0:
+            raise ValueError("paged_decode_attention: " + ("a shape it does not handle" if rc == -1 else
+                                                           "a slot or length out of bounds"))
+        return out
+
+    return paged_decode_attention
+
+
+def _attention_agrees(kernel: AttentionKernel) -> bool:
+    """The kernel against SDPA in float64 over gathered keys, with GQA, ragged lengths and a window
+    (head size 64: the AVX512-BF16 path where there is one; 16: the generic one)."""
+    generator = torch.Generator().manual_seed(0)
+    for (dtype, tolerance), dim in itertools.product(((torch.float32, 1e-5), (torch.bfloat16, 2e-2)), (16, 64)):
+        seqs, heads, kv_heads, slots, attend = 3, 6, 2, 40, 9
+        k, v = (torch.randn(slots, kv_heads, dim, generator=generator).to(dtype) for _ in range(2))
+        q = torch.randn(seqs, heads + 2, dim, generator=generator).to(dtype)[:, :heads]  # rows apart, as served
+        gather = torch.randperm(slots, generator=generator)[: seqs * attend].view(seqs, attend).contiguous()
+        lens = torch.tensor([9, 4, 7])
+        for window in (None, 3):
+            got = kernel(q, k, v, gather, lens, window, 0.25)
+            for s in range(seqs):
+                first = 0 if window is None else max(0, int(lens[s]) - window)
+                keys, values = (t[gather[s, first : lens[s]]].double().transpose(0, 1) for t in (k, v))
+                want = torch.nn.functional.scaled_dot_product_attention(
+                    q[s].double().unsqueeze(1), keys.repeat_interleave(heads // kv_heads, 0),
+                    values.repeat_interleave(heads // kv_heads, 0), scale=0.25).squeeze(1)
+                if not torch.allclose(got[s].double(), want, atol=tolerance, rtol=tolerance):
+                    return False
+    return True
+
+
+@functools.cache
+def attention_kernel() -> Optional[AttentionKernel]:
+    """The paged decode attention kernel, or None where it can't be had."""
+    return _checked("attention_cpu.c", "CPU decode attention steps (gathered copies and SDPA)", _attention,
+                    _attention_agrees)

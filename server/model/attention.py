@@ -27,6 +27,9 @@ class KVStore(Protocol):
 
     def decode_kv(self, layer: int, batch: Any) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def decode_attention(self, layer: int, q: torch.Tensor, batch: Any, window: Window,
+                         scale: float) -> Optional[torch.Tensor]: ...
+
     def prefill_kv(self, layer: int, batch: Any, seq: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -138,10 +141,14 @@ class Attention(nn.Module):
 
     def _decode(self, q: torch.Tensor, step: StepTensors) -> torch.Tensor:
         """q: [seqs, heads, dim], one new token per sequence at position context_len - 1."""
-        keys, values = step.kv.decode_kv(self.layer_index, step.batch)  # [seqs, kv_heads, attend_len, dim]
+        if self.softcap is None:  # a store that attends in place (the paged cache's CPU kernel)
+            fused = step.kv.decode_attention(self.layer_index, q, step.batch, self.window, self.scale)
+            if fused is not None:
+                return fused
         # The query heads sharing a KV head become that head's query rows: attention reads each KV
         # head once, instead of a copy expanded to every query head (what enable_gqa does on the
         # kernels that take a mask), and all rows sit at one position, so the mask covers causality.
+        keys, values = step.kv.decode_kv(self.layer_index, step.batch)  # [seqs, kv_heads, attend_len, dim]
         seqs = q.shape[0]
         grouped = q.view(seqs, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
         out = attend(grouped, keys, values, step.decode_masks[self.window], self.scale, self.softcap)
