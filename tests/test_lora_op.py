@@ -217,16 +217,19 @@ def test_the_kernel_refuses_tensors_it_cannot_read():
     kernel = lora_kernel()
     x, a, b_t = torch.randn(2, IN), torch.randn(16, IN), torch.randn(16, OUT)
     lo, width = torch.zeros(2, dtype=torch.int32), torch.full((2,), 8, dtype=torch.int32)
+    order = torch.arange(2, dtype=torch.int32)
     y = torch.zeros(2, OUT)
     with pytest.raises(ValueError):
-        kernel(y, x, a.t().contiguous().t(), b_t, lo, width)  # A not row-major
+        kernel(y, x, a.t().contiguous().t(), b_t, lo, width, order)  # A not row-major
     with pytest.raises(ValueError):
-        kernel(y, x.bfloat16(), a, b_t, lo, width)  # mixed dtypes
+        kernel(y, x.bfloat16(), a, b_t, lo, width, order)  # mixed dtypes
     with pytest.raises(ValueError):
-        kernel(y, x, a, b_t, lo.long(), width)  # int64 offsets
+        kernel(y, x, a, b_t, lo.long(), width, order)  # int64 offsets
     with pytest.raises(ValueError):
-        kernel(y, x, a, b_t, lo, torch.full((2,), 2000, dtype=torch.int32))  # wider than the kernel's bound
+        kernel(y, x, a, b_t, lo, torch.full((2,), 2000, dtype=torch.int32), order)  # wider than the kernel's bound
     with pytest.raises(ValueError):
-        kernel(y, x, a, b_t, torch.tensor([0, 12], dtype=torch.int32), width)  # past the buffers' 16 columns
+        kernel(y, x, a, b_t, torch.tensor([0, 12], dtype=torch.int32), width, order)  # past the 16 columns
     with pytest.raises(ValueError):
-        kernel(y, x, a, b_t, torch.tensor([-8, 0], dtype=torch.int32), width)
+        kernel(y, x, a, b_t, torch.tensor([-8, 0], dtype=torch.int32), width, order)
+    with pytest.raises(ValueError):
+        kernel(y, x, a, b_t, lo, width, torch.tensor([0, 5], dtype=torch.int32))  # an order naming no token

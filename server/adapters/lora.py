@@ -144,10 +144,11 @@ class TokenColumns(LoraBatch):
 
     lo: Optional[torch.Tensor] = None  # [tokens] int32
     width: Optional[torch.Tensor] = None  # [tokens] int32, 0: the base model
+    order: Optional[torch.Tensor] = None  # [tokens] int32: the tokens by adapter (each adapter's read once)
     kernel: Optional[LoraKernel] = None
 
     def add(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
-        self.kernel(y, x, a, b_t, self.lo, self.width)
+        self.kernel(y, x, a, b_t, self.lo, self.width, self.order)
 
 
 @dataclass(frozen=True)
@@ -247,8 +248,9 @@ class LoraPlanner:
         for r, n in zip(ranges, query_lens):
             lo.extend([0 if r is None else r[0]] * n)
             width.extend([0 if r is None else r[1] - r[0]] * n)
+        order = sorted(range(len(lo)), key=lambda t: (lo[t], width[t]))  # stable: rows ascending per adapter
         as_tensor = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
-        return TokenColumns(ranges, query_lens, as_tensor(lo), as_tensor(width), self.kernel)
+        return TokenColumns(ranges, query_lens, as_tensor(lo), as_tensor(width), as_tensor(order), self.kernel)
 
     def _sorted_tokens(self, ranges: Ranges, query_lens: tuple[int, ...]) -> list[tuple[Range, int]]:
         """(range, token row) of every adapter token, sorted by the range (stable: rows ascending)."""

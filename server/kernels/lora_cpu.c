@@ -9,17 +9,25 @@
  *   x: [tokens, in] rows x_stride apart; a: [cols, in] and b_t: [cols, out] contiguous (the pool);
  *   y: [tokens, out] rows y_stride apart (a column slice of a fused projection's output);
  *   lo, width: each token's first packed column and how many (0: the base model).
- * Returns 0, or -1 if a token is wider than MAX_WIDTH, -2 if its columns fall outside the cols
- * of a and b_t (nothing is read out of bounds; tokens before it have been added).
+ * order: the tokens in the order to take them (each once; the planner groups them by adapter).
+ * Returns 0, or -1 if a token is wider than MAX_WIDTH (or order names no token), -2 if its columns
+ * fall outside the cols of a and b_t (nothing is read out of bounds; tokens before it have been
+ * added), -3 if out is over MAX_OUT or the accumulator can't be allocated.
  */
 #include <stdint.h>
-#include <alloca.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
 
 #define MAX_WIDTH 1024
-#define MAX_OUT (1 << 18) /* output features: the fp32 accumulator lives on the stack (1 MiB at most) */
+#define MAX_OUT (1 << 20) /* output features */
+#define GROUP 4           /* tokens of one adapter expanded together */
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define GROUP_FOR_ONE 1   /* the register-blocked group expand is faster even for one token */
+#else
+#define GROUP_FOR_ONE 0
+#endif
 
 
 /* The next token's adapter rows, asked for ahead (into L2) while this token is computed: a step
@@ -102,27 +110,125 @@ SHRINK(uint16_t, bf16_to_f32)
 EXPAND(uint16_t, bf16_to_f32, f32_to_bf16)
 EXPAND(float, AS_F32, AS_F32)
 
+/* The expand of up to GROUP tokens of one adapter at once: each b_t value is loaded (and
+ * converted) once for all of them. xa holds GROUP rows of MAX_WIDTH (zeros past n). */
+#define EXPAND_GROUP(T, LOAD, STORE)                                                          \
+    static void expand_group_##T(const float *xa, int n, const T *b, int64_t out, int width,  \
+                                 T *const *ys, float *acc) {                                  \
+        memset(acc, 0, GROUP * out * sizeof *acc);                                            \
+        float *a0 = acc, *a1 = a0 + out, *a2 = a1 + out, *a3 = a2 + out;                      \
+        for (int c = 0; c < width; c++) {                                                     \
+            const T *bc = b + c * out;                                                        \
+            float s0 = xa[c], s1 = xa[MAX_WIDTH + c], s2 = xa[2 * MAX_WIDTH + c],             \
+                  s3 = xa[3 * MAX_WIDTH + c];                                                 \
+            _Pragma("omp simd")                                                               \
+            for (int64_t j = 0; j < out; j++) {                                               \
+                float bv = LOAD(bc[j]);                                                       \
+                a0[j] += s0 * bv; a1[j] += s1 * bv; a2[j] += s2 * bv; a3[j] += s3 * bv;       \
+            }                                                                                 \
+        }                                                                                     \
+        for (int k = 0; k < n; k++) {                                                         \
+            T *y = ys[k];                                                                     \
+            const float *ak = acc + k * out;                                                  \
+            _Pragma("omp simd")                                                               \
+            for (int64_t j = 0; j < out; j++) y[j] = STORE(LOAD(y[j]) + ak[j]);               \
+        }                                                                                     \
+    }
+
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+/* The group expand with its accumulators in registers: 64 output columns of GROUP tokens (16 zmm)
+ * per pass over the adapter's rows, each b_t value loaded once for all of them. */
+static inline __m512 load16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline void store16(uint16_t *p, __m512 v) { _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v)); }
+static inline __m512 load16f(const float *p) { return _mm512_loadu_ps(p); }
+static inline void store16f(float *p, __m512 v) { _mm512_storeu_ps(p, v); }
+
+#define EXPAND_GROUP_AVX512(T, LOADV, STOREV, LOAD, STORE)                                     \
+    static void expand_group_##T(const float *xa, int n, const T *b, int64_t out, int width,  \
+                                 T *const *ys, float *unused) {                               \
+        (void)unused;                                                                         \
+        int64_t j0 = 0;                                                                       \
+        for (; j0 + 64 <= out; j0 += 64) {                                                    \
+            __m512 acc[GROUP][4];                                                             \
+            for (int k = 0; k < GROUP; k++)                                                   \
+                for (int q = 0; q < 4; q++) acc[k][q] = _mm512_setzero_ps();                  \
+            for (int c = 0; c < width; c++) {                                                 \
+                const T *bc = b + c * out + j0;                                               \
+                __m512 bv[4];                                                                 \
+                for (int q = 0; q < 4; q++) bv[q] = LOADV(bc + 16 * q);                       \
+                for (int k = 0; k < GROUP; k++) {                                             \
+                    __m512 s = _mm512_set1_ps(xa[k * MAX_WIDTH + c]);                         \
+                    for (int q = 0; q < 4; q++) acc[k][q] = _mm512_fmadd_ps(s, bv[q], acc[k][q]); \
+                }                                                                             \
+            }                                                                                 \
+            for (int k = 0; k < n; k++)                                                       \
+                for (int q = 0; q < 4; q++) {                                                 \
+                    T *y = ys[k] + j0 + 16 * q;                                               \
+                    STOREV(y, _mm512_add_ps(LOADV(y), acc[k][q]));                            \
+                }                                                                             \
+        }                                                                                     \
+        for (int64_t j = j0; j < out; j++) { /* the last out % 64 columns */                  \
+            float sum[GROUP] = {0};                                                           \
+            for (int c = 0; c < width; c++)                                                   \
+                for (int k = 0; k < GROUP; k++) sum[k] += xa[k * MAX_WIDTH + c] * LOAD(b[c * out + j]); \
+            for (int k = 0; k < n; k++) ys[k][j] = STORE(LOAD(ys[k][j]) + sum[k]);            \
+        }                                                                                     \
+    }
+
+EXPAND_GROUP_AVX512(uint16_t, load16, store16, bf16_to_f32, f32_to_bf16)
+EXPAND_GROUP_AVX512(float, load16f, store16f, AS_F32, AS_F32)
+#else
+EXPAND_GROUP(uint16_t, bf16_to_f32, f32_to_bf16)
+EXPAND_GROUP(float, AS_F32, AS_F32)
+#endif
+
+/* Tokens are taken in `order` (the planner sorts them by adapter), GROUP of one adapter at a time. */
 #define BGMV(T)                                                                               \
     int lora_bgmv_##T(int64_t tokens, int64_t in, int64_t out, int64_t cols, const T *x,      \
                       int64_t x_stride, const T *a, const T *b_t, const int32_t *lo,          \
-                      const int32_t *width, T *y, int64_t y_stride) {                         \
-        float xa[MAX_WIDTH];                                                                  \
+                      const int32_t *width, const int32_t *order, T *y, int64_t y_stride) {   \
+        float xa[GROUP * MAX_WIDTH];                                                          \
         if (out > MAX_OUT) return -3;                                                         \
-        float *acc = alloca(out * sizeof(float));                                             \
-        for (int64_t t = 0; t < tokens; t++) {                                                \
-            int w = width[t];                                                                 \
-            if (w <= 0) continue;                                                             \
-            if (w > MAX_WIDTH) return -1;                                                     \
-            if (lo[t] < 0 || (int64_t)lo[t] + w > cols) return -2;                            \
-            if (t + 1 < tokens && width[t + 1] > 0 && lo[t + 1] != lo[t]                      \
-                && lo[t + 1] >= 0 && (int64_t)lo[t + 1] + width[t + 1] <= cols) {             \
-                prefetch_rows(a + (int64_t)lo[t + 1] * in, width[t + 1] * in * sizeof(T));    \
-                prefetch_rows(b_t + (int64_t)lo[t + 1] * out, width[t + 1] * out * sizeof(T)); \
+        float *acc = malloc(GROUP * out * sizeof(float));                                     \
+        if (acc == NULL) return -3;                                                           \
+        int rc = 0;                                                                           \
+        for (int64_t i = 0; i < tokens;) {                                                    \
+            int64_t t = order[i];                                                             \
+            int w = t >= 0 && t < tokens ? width[t] : -1;                                     \
+            if (w == 0) { i++; continue; }                                                    \
+            if (w < 0 || w > MAX_WIDTH) { rc = -1; break; }                                   \
+            if (lo[t] < 0 || (int64_t)lo[t] + w > cols) { rc = -2; break; }                   \
+            int n = 1;                                                                        \
+            while (n < GROUP && i + n < tokens && order[i + n] >= 0 && order[i + n] < tokens  \
+                   && lo[order[i + n]] == lo[t] && width[order[i + n]] == w) n++;             \
+            if (i + n < tokens) { /* the next adapter's rows, fetched while these compute */   \
+                int64_t u = order[i + n];                                                     \
+                if (u >= 0 && u < tokens && width[u] > 0 && lo[u] != lo[t] && lo[u] >= 0     \
+                    && (int64_t)lo[u] + width[u] <= cols) {                                   \
+                    prefetch_rows(a + (int64_t)lo[u] * in, width[u] * in * sizeof(T));        \
+                    prefetch_rows(b_t + (int64_t)lo[u] * out, width[u] * out * sizeof(T));    \
+                }                                                                             \
             }                                                                                 \
-            shrink_##T(x + t * x_stride, a + (int64_t)lo[t] * in, in, w, xa);                 \
-            expand_##T(xa, b_t + (int64_t)lo[t] * out, out, w, y + t * y_stride, acc);        \
+            const T *at = a + (int64_t)lo[t] * in, *bt = b_t + (int64_t)lo[t] * out;          \
+            if (n == 1 && !GROUP_FOR_ONE) {                                                   \
+                shrink_##T(x + t * x_stride, at, in, w, xa);                                  \
+                expand_##T(xa, bt, out, w, y + t * y_stride, acc);                            \
+            } else {                                                                          \
+                T *ys[GROUP];                                                                 \
+                for (int k = n; k < GROUP; k++) memset(xa + k * MAX_WIDTH, 0, w * sizeof(float)); \
+                for (int k = 0; k < n; k++) {                                                 \
+                    int64_t tk = order[i + k];                                                \
+                    shrink_##T(x + tk * x_stride, at, in, w, xa + k * MAX_WIDTH);             \
+                    ys[k] = y + tk * y_stride;                                                \
+                }                                                                             \
+                expand_group_##T(xa, n, bt, out, w, ys, acc);                                 \
+            }                                                                                 \
+            i += n;                                                                           \
         }                                                                                     \
-        return 0;                                                                             \
+        free(acc);                                                                            \
+        return rc;                                                                            \
     }
 
 BGMV(uint16_t)

@@ -83,46 +83,51 @@ def _bind(library: ctypes.CDLL) -> dict[torch.dtype, Callable[..., int]]:
     functions = {torch.bfloat16: library.lora_bgmv_uint16_t, torch.float32: library.lora_bgmv_float}
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for fn in functions.values():
-        fn.argtypes = (i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64)
+        fn.argtypes = (i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64)
         fn.restype = ctypes.c_int
     return functions
 
 
 def _bgmv(functions: dict[torch.dtype, Callable[..., int]]) -> LoraKernel:
     def lora_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor,
-                  lo: torch.Tensor, width: torch.Tensor) -> None:
+                  lo: torch.Tensor, width: torch.Tensor, order: torch.Tensor) -> None:
         """y [tokens, out] += each token's delta from its columns [lo, lo + width) of a [cols, in]
-        and b_t [cols, out]; lo and width int32 [tokens]. y may be a column slice."""
+        and b_t [cols, out]; lo, width int32 [tokens]; order int32 [tokens]: the tokens in the order
+        to take them, those of one adapter next to each other. y may be a column slice."""
         if not (x.dtype == y.dtype == a.dtype == b_t.dtype and x.device.type == "cpu"
                 and a.is_contiguous() and b_t.is_contiguous() and x.stride(1) == 1 and y.stride(1) == 1
-                and lo.dtype == width.dtype == torch.int32 and lo.is_contiguous() and width.is_contiguous()
-                and x.shape[0] == y.shape[0] == lo.shape[0] == width.shape[0]
+                and lo.dtype == width.dtype == order.dtype == torch.int32 and lo.is_contiguous()
+                and width.is_contiguous() and order.is_contiguous()
+                and x.shape[0] == y.shape[0] == lo.shape[0] == width.shape[0] == order.shape[0]
                 and a.shape[1] == x.shape[1] and b_t.shape[1] == y.shape[1]):
             raise ValueError("lora_bgmv: tensors of the wrong dtype, device or layout")
         rc = functions[x.dtype](x.shape[0], x.shape[1], y.shape[1], min(a.shape[0], b_t.shape[0]), x.data_ptr(),
                                 x.stride(0), a.data_ptr(), b_t.data_ptr(), lo.data_ptr(), width.data_ptr(),
-                                y.data_ptr(), y.stride(0))
+                                order.data_ptr(), y.data_ptr(), y.stride(0))
         if rc != 0:
-            raise ValueError(f"lora_bgmv: a token is wider than {MAX_WIDTH} columns" if rc == -1 else
-                             "lora_bgmv: a token's columns are outside the packed buffers")
+            raise ValueError({-1: f"lora_bgmv: a token wider than {MAX_WIDTH} columns, or an order naming no token",
+                              -2: "lora_bgmv: a token's columns are outside the packed buffers"}.get(
+                                  rc, "lora_bgmv: too many output features, or no memory for them"))
 
     return lora_bgmv
 
 
 def _agrees(kernel: LoraKernel) -> bool:
-    """The kernel against torch on a small mixed batch (widths 0, 8 and 16, a strided y), per dtype."""
+    """The kernel against torch on a small mixed batch (widths 0, 8 and 16, a strided y, three tokens
+    of one adapter taken together), per dtype."""
     generator = torch.Generator().manual_seed(0)
     for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        x = torch.randn(5, 40, generator=generator).to(dtype)
+        x = torch.randn(7, 40, generator=generator).to(dtype)
         a, b_t = torch.randn(32, 40, generator=generator).to(dtype), torch.randn(32, 70, generator=generator).to(dtype)
-        lo = torch.tensor([0, 8, 0, 16, 8], dtype=torch.int32)
-        width = torch.tensor([8, 16, 0, 16, 8], dtype=torch.int32)
-        y = torch.randn(5, 100, generator=generator).to(dtype)
+        lo = torch.tensor([0, 8, 0, 16, 8, 8, 8], dtype=torch.int32)  # a run of three for one adapter
+        width = torch.tensor([8, 16, 0, 16, 8, 16, 16], dtype=torch.int32)
+        order = torch.tensor([2, 0, 4, 1, 5, 6, 3], dtype=torch.int32)
+        y = torch.randn(7, 100, generator=generator).to(dtype)
         expected = y.float().clone()
-        for t in range(5):
+        for t in range(7):
             cols = slice(int(lo[t]), int(lo[t] + width[t]))
             expected[t, 10:80] += (a[cols].float() @ x[t].float()) @ b_t[cols].float()
-        kernel(y[:, 10:80], x, a, b_t, lo, width)
+        kernel(y[:, 10:80], x, a, b_t, lo, width, order)
         if not torch.allclose(y.float(), expected, atol=tolerance, rtol=tolerance):
             return False
     return True
