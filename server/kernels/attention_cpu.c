@@ -19,25 +19,12 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "exp.h"
 
 #define MAX_DIM 256
 #define MAX_GROUP 16
 
 
-/* exp(x) for x <= 0 in fp32 (a softmax's shifted scores), vectorizable: x = n ln2 + r, a degree-6
- * polynomial for e^r on |r| <= ln2 / 2, 2^n through the exponent bits. Relative error ~2e-7;
- * below -87 it returns 0 (e^-87 is under fp32's smallest normal). */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    float n = __builtin_roundf(x * 1.44269504088896341f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.166666672f + r * (0.0416664891f + r * (0.00833336823f
-                   + r * 0.00139304355f)))));
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return x <= -87.0f ? 0.0f : p * scale;
-}
 
 
 #define ATTEND(T, LOAD, STORE)                                                                       \

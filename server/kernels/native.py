@@ -48,7 +48,7 @@ def _cpu_fingerprint() -> str:
 
 
 def _build(compiler: str, source: Path) -> Path:
-    code = source.read_bytes() + (HERE / "bf16.h").read_bytes()  # (the header both sources include)
+    code = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(HERE.glob("*.h")))  # (the headers)
     key = hashlib.sha256(code + " ".join((compiler, *FLAGS, _cpu_fingerprint())).encode()).hexdigest()[:16]
     target = loraserve_home() / "kernels" / f"{source.stem}-{key}.so"
     if target.exists():
@@ -56,7 +56,7 @@ def _build(compiler: str, source: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: atomic
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], check=True, capture_output=True,
+        subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"], check=True, capture_output=True,
                        timeout=120)
         os.replace(built, target)
     return target
@@ -213,3 +213,4 @@ def attention_kernel() -> Optional[AttentionKernel]:
     """The paged decode attention kernel, or None where it can't be had."""
     return _checked("attention_cpu.c", "CPU decode attention steps (gathered copies and SDPA)", _attention,
                     _attention_agrees)
+
