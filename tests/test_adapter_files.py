@@ -17,6 +17,15 @@ from tests.adapter_factory import SPECS
 KEY = AdapterKey("local", "under-test/1")
 
 
+
+def own_model(loaded):
+    """A model of its own for a test's adapter tier (the served one can't be deep-copied: its CPU
+    weights are oneDNN-packed)."""
+    from server.model.decoder import CausalLM
+
+    return CausalLM.from_pretrained(loaded.model_dir, loaded.device, loaded.dtype)
+
+
 def copy_with(src: Path, dst: Path, change) -> Path:
     """The adapter at `src` with its tensors passed through `change(dict) -> dict`, saved to `dst`."""
     dst.mkdir(parents=True)
@@ -215,9 +224,7 @@ def test_a_reused_buffer_leaves_nothing_shared_with_what_it_read(adapter_root, t
 def test_activation_writes_the_factors_and_zeros_past_the_rank(adapter_root, tmp_path, loaded):
     """A rows and B^T rows in the adapter's columns; a narrower adapter reusing a wider one's
     columns leaves zeros past its rank, and zeros in projections it does not target."""
-    import copy
-
-    model = copy.deepcopy(loaded.model)
+    model = own_model(loaded)
     tier = ResidentAdapters(model, 1, 2**30)  # one resident: the second reuses the first's columns
     wide = read_adapter(KEY, adapter_root / SPECS[1].name / "1", loaded.model.config, torch.float32)
     assert tier.activate(wide, set())
@@ -239,9 +246,7 @@ def test_activation_writes_the_factors_and_zeros_past_the_rank(adapter_root, tmp
 
 def test_a_preallocated_pool_is_made_whole_at_the_first_activation(adapter_root, loaded):
     """Nothing before an adapter is used; the whole budget at the first activation; no growth after."""
-    import copy
-
-    model = copy.deepcopy(loaded.model)
+    model = own_model(loaded)
     tier = ResidentAdapters(model, 0, 64 * 2**20, preallocate=True)
     assert tier.capacity == 0
     first, second = (read_adapter(AdapterKey("local", f"{s.name}/1"), adapter_root / s.name / "1", loaded.model.config)
@@ -255,9 +260,7 @@ def test_a_preallocated_pool_is_made_whole_at_the_first_activation(adapter_root,
 def test_the_first_load_makes_the_pool_so_the_first_activation_only_installs_it(adapter_root, loaded):
     """The pool is zeroed on the loader thread (make_pool, wired to the store's before_load), not on
     the engine thread where it stalled every stream: the activation takes those very buffers."""
-    import copy
-
-    model = copy.deepcopy(loaded.model)
+    model = own_model(loaded)
     tier = ResidentAdapters(model, 0, 64 * 2**20, preallocate=True)
     tier.make_pool()
     made = {key: a.data_ptr() for key, (a, _) in tier._made.items()}
