@@ -8,7 +8,6 @@ import torch
 from server.adapters.lora import (
     BF16_COSTS,
     FP32_COSTS,
-    KERNEL_MAX_ONE_ADAPTER_TOKENS,
     SLOT_COLUMNS,
     LoraPlanner,
     MaskedWindow,
@@ -187,14 +186,16 @@ needs_kernel = pytest.mark.skipif(lora_kernel() is None, reason="no C compiler h
 @pytest.mark.parametrize(
     "ranges, lens, expected",
     [
-        ([(8, 16)] * 3, [1, 1, 5], "TokenColumns"),  # one adapter, few tokens: the kernel
-        ([(8, 16)], [KERNEL_MAX_ONE_ADAPTER_TOKENS], "OneAdapter"),  # one adapter's long prefill: two matmuls
+        ([(8, 16)] * 3, [1, 1, 5], "TokenColumns"),  # one adapter
+        ([(8, 16)], [1024], "TokenColumns"),  # one adapter's long prefill
+        ([None, None], [1, 1], None),  # base only: no LoRA at all
         ([(0, 8), (8, 16), None], [1, 1, 1], "TokenColumns"),
         ([(0, 8), (400, 408), (800, 808)], [40, 40, 40], "TokenColumns"),
     ],
 )
-def test_with_the_kernel_the_planner_uses_it_but_for_long_one_adapter_steps(ranges, lens, expected):
-    assert type(SERVING_PLANNER.plan(ranges, lens)).__name__ == expected
+def test_with_the_kernel_the_planner_always_uses_it(ranges, lens, expected):
+    plan = SERVING_PLANNER.plan(ranges, lens)
+    assert (type(plan).__name__ if plan is not None else None) == expected
 
 
 @needs_kernel
@@ -233,3 +234,9 @@ def test_the_kernel_refuses_tensors_it_cannot_read():
         kernel(y, x, a, b_t, torch.tensor([-8, 0], dtype=torch.int32), width, order)
     with pytest.raises(ValueError):
         kernel(y, x, a, b_t, lo, width, torch.tensor([0, 5], dtype=torch.int32))  # an order naming no token
+    with pytest.raises(ValueError):  # shaped right in its first two dimensions, but with no storage behind
+        kernel(y, x, torch.empty(16, IN, 0), b_t, lo, width, order)
+    with pytest.raises(ValueError):
+        kernel(y, x, a, b_t, lo, width, torch.zeros(2, 0, dtype=torch.int32))
+    with pytest.raises(ValueError):
+        kernel(y.half(), x.half(), a.half(), b_t.half(), lo, width, order)  # a dtype it has no code for

@@ -184,6 +184,10 @@ def test_the_attention_kernel_refuses_slots_outside_the_pool():
         kernel(q, k, v, torch.tensor([[0, 1, 2], [3, 4, 0]]), torch.tensor([4, 2]), None, 0.5)  # past attend_len
     with pytest.raises(ValueError):
         kernel(q, k.bfloat16(), v, torch.tensor([[0, 1, 2], [3, 4, 0]]), lens, None, 0.5)
+    with pytest.raises(ValueError):  # no storage behind the slots
+        kernel(q, k, v, torch.zeros(2, 3, 0, dtype=torch.long), lens, None, 0.5)
+    with pytest.raises(ValueError):
+        kernel(q, torch.empty(10, 2, 8, 0), v, torch.tensor([[0, 1, 2], [3, 4, 0]]), lens, None, 0.5)
 
 
 @pytest.mark.parametrize("dtype, dim", [("float32", 64), ("bfloat16", 64), ("bfloat16", 48)])

@@ -29,10 +29,8 @@ from server.model.layers import LoraTarget
 log = logging.getLogger(__name__)
 
 SLOT_COLUMNS = 8  # packed columns are allocated in slots this wide, so a rank-8 adapter is one slot
-# With the C kernel, one adapter for every token still takes two plain matmuls from this many tokens
-# (a prefill): bench/lora_op.py, bf16, per layer: 1 token 181 us plain vs 37 kernel, 32 tokens 250
-# vs 129, 256 tokens 608 vs 806
-KERNEL_MAX_ONE_ADAPTER_TOKENS = 128
+KERNEL_ANY_STEP_THREADS = 4  # up to this many torch threads the C kernel takes every CPU step ...
+KERNEL_SMALL_STEP_TOKENS = 64  # ... beyond, the steps of at most this many tokens
 SPREAD_SLACK = 2  # adapters' widths a step's adapters may spread beyond their own before they are packed
 Range = tuple[int, int]  # an adapter's packed columns [lo, hi)
 Ranges = tuple[Optional[Range], ...]  # per sequence; None: the base model
@@ -209,11 +207,16 @@ class LoraPlanner:
         used = sorted({r for r in ranges if r is not None})
         if not used:
             return None
-        one_adapter = len(used) == 1 and all(r is not None for r in ranges)
-        if one_adapter and (self.kernel is None or sum(query_lens) >= KERNEL_MAX_ONE_ADAPTER_TOKENS):
-            return OneAdapter(ranges, query_lens, *used[0])
-        if self.kernel is not None:  # faster than every other method in every case bench/lora_op.py has
+        # The kernel beats every other method in every case of bench/lora_op.py at 1 and 2 threads,
+        # one adapter's prefills too (bf16, per layer, 1 thread: 1 token 40 us against 193 for the
+        # window; 1,024 tokens of one adapter 1.5 ms against 6.6 for OneAdapter's two matmuls; 2
+        # threads: 1.6 against 4.4). It runs on one thread, so on a larger team it keeps only
+        # decode-sized steps (untested there: this machine has 2 cores).
+        if self.kernel is not None and (torch.get_num_threads() <= KERNEL_ANY_STEP_THREADS
+                                        or sum(query_lens) <= KERNEL_SMALL_STEP_TOKENS):
             return self._token_columns(ranges, query_lens)
+        if len(used) == 1 and all(r is not None for r in ranges):
+            return OneAdapter(ranges, query_lens, *used[0])
         if self.costs is None:
             return self._window(ranges, query_lens)
         return min(self._estimates(used, sum(query_lens), sum(n for r, n in zip(ranges, query_lens) if r is not None)),

@@ -9,14 +9,14 @@
  * At or below -80 it returns 0 (e^-80 ~ 1.8e-35, below any sum's rounding), and no lane ever
  * computes a denormal: those are ~100x slower on x86. */
 static inline float exp_nonpositive(float x) {
-    x = x < -80.0f ? -80.0f : x;
-    float n = __builtin_roundf(x * 1.44269504088896341f);
-    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float clamped = x >= -80.0f ? x : -80.0f;  /* (a NaN fails the test: clamped, and returned as is below) */
+    float n = __builtin_roundf(clamped * 1.44269504088896341f);
+    float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.166666672f + r * (0.0416664891f + r * (0.00833336823f
                    + r * 0.00139304355f)))));
-    int32_t bits = ((int32_t)n + 127) << 23;
+    uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;  /* n in [-115, 0]: a normal power of two */
     float scale;
     memcpy(&scale, &bits, sizeof scale);
-    return x <= -80.0f ? 0.0f : p * scale;
+    return x != x ? x : (x <= -80.0f ? 0.0f : p * scale);
 }
 #endif

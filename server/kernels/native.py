@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -47,16 +48,16 @@ def _cpu_fingerprint() -> str:
     return f"{platform.machine()} {flags}"
 
 
-def _build(compiler: str, source: Path) -> Path:
+def _build(compiler: list[str], source: Path) -> Path:
     code = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(HERE.glob("*.h")))  # (the headers)
-    key = hashlib.sha256(code + " ".join((compiler, *FLAGS, _cpu_fingerprint())).encode()).hexdigest()[:16]
+    key = hashlib.sha256(code + " ".join((*compiler, *FLAGS, _cpu_fingerprint())).encode()).hexdigest()[:16]
     target = loraserve_home() / "kernels" / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: atomic
         built = Path(tmp) / target.name
-        subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm"], check=True, capture_output=True,
+        subprocess.run([*compiler, *FLAGS, str(source), "-o", str(built), "-lm"], check=True, capture_output=True,
                        timeout=120)
         os.replace(built, target)
     return target
@@ -66,8 +67,8 @@ def _library(source: str, what: str) -> Optional[ctypes.CDLL]:
     """The built library of HERE/source, or None with the reason logged (`what` it would have sped up)."""
     if os.environ.get("LORASERVE_NATIVE_KERNELS", "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
+    if not compiler:
         log.warning("no C compiler (cc): %s use torch ops", what)
         return None
     try:
@@ -88,13 +89,22 @@ def _bind(library: ctypes.CDLL) -> dict[torch.dtype, Callable[..., int]]:
     return functions
 
 
+def _on_cpu(*tensors: tuple[torch.Tensor, int]) -> bool:
+    """Each (tensor, dims) a CPU tensor of that many dimensions, none of them empty-sized: a tensor
+    with a zero-sized trailing dimension has no storage behind the pointer the C code reads."""
+    return all(t.device.type == "cpu" and t.dim() == dims and (t.dim() == 1 or min(t.shape[1:]) > 0)
+               for t, dims in tensors)
+
+
 def _bgmv(functions: dict[torch.dtype, Callable[..., int]]) -> LoraKernel:
     def lora_bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor,
                   lo: torch.Tensor, width: torch.Tensor, order: torch.Tensor) -> None:
         """y [tokens, out] += each token's delta from its columns [lo, lo + width) of a [cols, in]
         and b_t [cols, out]; lo, width int32 [tokens]; order int32 [tokens]: the tokens in the order
-        to take them, those of one adapter next to each other. y may be a column slice."""
-        if not (x.dtype == y.dtype == a.dtype == b_t.dtype and x.device.type == "cpu"
+        to take them, those of one adapter next to each other, each once (not checked: a token
+        named twice gets its delta twice). y may be a column slice."""
+        if not (_on_cpu((x, 2), (y, 2), (a, 2), (b_t, 2), (lo, 1), (width, 1), (order, 1))
+                and x.dtype == y.dtype == a.dtype == b_t.dtype and x.dtype in functions
                 and a.is_contiguous() and b_t.is_contiguous() and x.stride(1) == 1 and y.stride(1) == 1
                 and lo.dtype == width.dtype == order.dtype == torch.int32 and lo.is_contiguous()
                 and width.is_contiguous() and order.is_contiguous()
@@ -139,8 +149,13 @@ def _checked(source: str, what: str, bind: Callable[[ctypes.CDLL], Callable], ag
     library = _library(source, what)
     if library is None:
         return None
-    kernel = bind(library)
-    if not agrees(kernel):
+    try:
+        kernel = bind(library)
+        agreed = agrees(kernel)
+    except Exception as exc:  # a library without the expected symbols, a check that raised
+        log.warning("%s failed its check (%s): %s use torch ops", source, exc, what)
+        return None
+    if not agreed:
         log.warning("%s disagrees with torch on its check: %s use torch ops", source, what)
         return None
     return kernel
@@ -165,9 +180,11 @@ def _attention(library: ctypes.CDLL) -> AttentionKernel:
                                lens: torch.Tensor, window: Optional[int], scale: float) -> torch.Tensor:
         """q [seqs, heads, dim] (rows may be apart: a slice of the fused q/k/v); k, v [slots, kv_heads,
         dim]; gather [seqs, attend_len] int64 slots; lens [seqs] int64. Returns [seqs, heads, dim]."""
+        if not _on_cpu((q, 3), (k, 3), (v, 3), (gather, 2), (lens, 1)) or k.shape[1] == 0:
+            raise ValueError("paged_decode_attention: tensors of the wrong shape or device")
         seqs, heads, dim = q.shape
         kv_heads = k.shape[1]
-        if not (q.dtype == k.dtype == v.dtype and q.device.type == "cpu" and q.stride(2) == 1
+        if not (q.dtype == k.dtype == v.dtype and q.dtype in functions and q.stride(2) == 1
                 and q.stride(1) == dim and k.is_contiguous() and v.is_contiguous() and k.shape == v.shape
                 and k.shape[2] == dim and gather.dtype == lens.dtype == torch.int64 and gather.is_contiguous()
                 and lens.is_contiguous() and gather.shape[0] == lens.shape[0] == seqs):
