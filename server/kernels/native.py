@@ -90,10 +90,10 @@ def _bind(library: ctypes.CDLL) -> dict[torch.dtype, Callable[..., int]]:
 
 
 def _on_cpu(*tensors: tuple[torch.Tensor, int]) -> bool:
-    """Each (tensor, dims) a CPU tensor of that many dimensions, none of them empty-sized: a tensor
-    with a zero-sized trailing dimension has no storage behind the pointer the C code reads."""
-    return all(t.device.type == "cpu" and t.dim() == dims and (t.dim() == 1 or min(t.shape[1:]) > 0)
-               for t, dims in tensors)
+    """Each (tensor, dims) a CPU tensor of exactly that many dimensions. (With more, a zero-sized
+    trailing one would leave no storage behind shapes the C code reads; with these, a zero-sized
+    dimension is a zero loop bound there.)"""
+    return all(t.is_cpu and t.dim() == dims for t, dims in tensors)
 
 
 def _bgmv(functions: dict[torch.dtype, Callable[..., int]]) -> LoraKernel:
