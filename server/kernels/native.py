@@ -33,7 +33,7 @@ MAX_WIDTH = 1024  # lora_cpu.c's bound on one token's columns
 MAX_DIM, MAX_GROUP = 256, 16  # attention_cpu.c's bounds: head size, query heads per KV head
 BuildError = (OSError, subprocess.SubprocessError)
 
-LoraKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+LoraKernel = Callable[..., None]  # (y, x, a, b_t, lo, width, order): see _bgmv
 AttentionKernel = Callable[..., torch.Tensor]
 
 
@@ -80,7 +80,7 @@ def _library(source: str, what: str) -> Optional[ctypes.CDLL]:
         return None
 
 
-def _bind(library: ctypes.CDLL) -> dict[torch.dtype, Callable[..., int]]:
+def _bind_lora(library: ctypes.CDLL) -> dict[torch.dtype, Callable[..., int]]:
     functions = {torch.bfloat16: library.lora_bgmv_uint16_t, torch.float32: library.lora_bgmv_float}
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for fn in functions.values():
@@ -165,7 +165,7 @@ def _checked(source: str, what: str, bind: Callable[[ctypes.CDLL], Callable], ag
 def lora_kernel() -> Optional[LoraKernel]:
     """The per-token LoRA kernel, or None where it can't be had."""
     return _checked("lora_cpu.c", "CPU LoRA steps (slower with several adapters in a step)",
-                    lambda library: _bgmv(_bind(library)), _agrees)
+                    lambda library: _bgmv(_bind_lora(library)), _agrees)
 
 
 def _attention(library: ctypes.CDLL) -> AttentionKernel:
