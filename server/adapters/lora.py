@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from server.adapters.weights import AdapterKey, AdapterWeights
-from server.kernels.native import LoraKernel, lora_kernel
+from server.kernels.native import LoraKernel, LoraStep, lora_kernel
 from server.model.decoder import CausalLM
 from server.model.layers import LoraTarget
 
@@ -140,13 +140,10 @@ class TokenColumns(LoraBatch):
     """Each token's own columns [lo, lo + width), read in place by a C kernel (server/kernels): the
     cost of its own rank per token, whatever the step mixes, and no copies (CPU)."""
 
-    lo: Optional[torch.Tensor] = None  # [tokens] int32
-    width: Optional[torch.Tensor] = None  # [tokens] int32, 0: the base model
-    order: Optional[torch.Tensor] = None  # [tokens] int32: the tokens by adapter (each adapter's read once)
-    kernel: Optional[LoraKernel] = None
+    step: Optional[LoraStep] = None  # each token's columns and the tokens by adapter, checked once
 
     def add(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
-        self.kernel(y, x, a, b_t, self.lo, self.width, self.order)
+        self.step(y, x, a, b_t)
 
 
 @dataclass(frozen=True)
@@ -253,7 +250,7 @@ class LoraPlanner:
             width.extend([0 if r is None else r[1] - r[0]] * n)
         order = sorted(range(len(lo)), key=lambda t: (lo[t], width[t]))  # stable: rows ascending per adapter
         as_tensor = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
-        return TokenColumns(ranges, query_lens, as_tensor(lo), as_tensor(width), as_tensor(order), self.kernel)
+        return TokenColumns(ranges, query_lens, self.kernel.step(as_tensor(lo), as_tensor(width), as_tensor(order)))
 
     def _sorted_tokens(self, ranges: Ranges, query_lens: tuple[int, ...]) -> list[tuple[Range, int]]:
         """(range, token row) of every adapter token, sorted by the range (stable: rows ascending)."""
