@@ -161,8 +161,10 @@ def test_the_gateway_refuses_oversized_bodies_and_overload_in_loraserves_shapes(
     assert big.status_code == 413 and big.json()["error_type"] == "payload_too_large"
     assert REPLICA not in big.headers  # answered at the gateway
     # 2 replicas x 8 running + 16 queued (max_queued_requests = --max-concurrent-requests): the rest get 429
-    with ThreadPoolExecutor(64) as pool:  # long enough that the first 32 still hold their places
-        responses = list(pool.map(lambda _: generate(url, tokens=96, ignore_eos_token=True), range(64)))
+    # long enough that the first 32 still hold their places while the rest arrive (96 tokens were,
+    # until prepacked weights made fp32 steps ~2x faster: once all 64 were served)
+    with ThreadPoolExecutor(64) as pool:
+        responses = list(pool.map(lambda _: generate(url, tokens=300, ignore_eos_token=True), range(64)))
     refused = [r for r in responses if r.status_code == 429]
     assert refused and all(r.json()["error_type"] == "overloaded" for r in refused)
     assert all(r.status_code in (200, 429) for r in responses)
