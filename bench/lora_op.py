@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.throughput import machine, wait_for_quiet  # noqa: E402
-from server.adapters.lora import LoraPlanner, lora_delta  # noqa: E402
+from server.adapters.lora import LoraPlanner, OneAdapter, lora_delta  # noqa: E402
 
 RANK = 8
 RESIDENT = 64
@@ -66,9 +66,11 @@ def candidates(c: dict, a: torch.Tensor, b_t: torch.Tensor) -> dict[str, Op]:
     planner = LoraPlanner.for_device(torch.device("cpu"), torch.get_default_dtype())
     ranges, lens = c["ranges"], c["query_lens"]
     plans = {"auto": planner.plan(ranges, lens), "masked_window": planner._window(ranges, lens),
-             "one_adapter": planner._window(ranges, lens) if c["distinct"] > 1 else planner.plan(ranges, lens),
+
              "sorted_runs": planner._runs(ranges, lens), "sorted_groups": planner._groups(ranges, lens),
              "gathered_rows": planner._gathered(ranges, lens)}
+    if c["distinct"] == 1 and all(r is not None for r in ranges):
+        plans["one_adapter"] = OneAdapter(ranges, lens, *ranges[0])  # two plain matmuls
     if planner.kernel is not None:
         plans["token_columns"] = planner._token_columns(ranges, lens)
     ops: dict[str, Op] = {name: (lambda x, p=p: lora_delta(x, a, b_t, p)) for name, p in plans.items()}

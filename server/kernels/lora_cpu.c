@@ -82,22 +82,14 @@ static void shrink_uint16_t(const uint16_t *x, const uint16_t *a, int64_t in, in
 SHRINK(uint16_t, bf16_to_f32)
 #endif
 
-/* The expand of one token: y += xa . b_t[width rows]. Each row of b_t is streamed whole into an
- * fp32 accumulator (one sequential read at a time, which the prefetchers keep up with; interleaving
- * the rows in blocks read ~11 GB/s), then y is updated once. */
+/* The expand of one token: y += xa . b_t[width rows], each row of b_t streamed whole into an fp32
+ * accumulator, then y updated once (the generic path; with AVX512-BF16 every group, even of one
+ * token, takes the register-blocked expand below). */
 #define EXPAND(T, LOAD, STORE)                                                                \
     static void expand_##T(const float *xa, const T *b, int64_t out, int width, T *y,         \
                            float *acc) {                                                      \
         memset(acc, 0, out * sizeof *acc);                                                    \
-        int c = 0;                                                                            \
-        for (; c + 4 <= width; c += 4) { /* four rows per pass over acc */                     \
-            const T *b0 = b + c * out, *b1 = b0 + out, *b2 = b1 + out, *b3 = b2 + out;        \
-            float s0 = xa[c], s1 = xa[c + 1], s2 = xa[c + 2], s3 = xa[c + 3];                 \
-            _Pragma("omp simd")                                                               \
-            for (int64_t j = 0; j < out; j++)                                                 \
-                acc[j] += s0 * LOAD(b0[j]) + s1 * LOAD(b1[j]) + s2 * LOAD(b2[j]) + s3 * LOAD(b3[j]); \
-        }                                                                                     \
-        for (; c < width; c++) {                                                              \
+        for (int c = 0; c < width; c++) {                                                     \
             const T *bc = b + c * out;                                                        \
             float s = xa[c];                                                                  \
             _Pragma("omp simd")                                                               \

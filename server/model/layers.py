@@ -54,7 +54,7 @@ PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 
 def can_prepack(weight: torch.Tensor) -> bool:
     """Whether oneDNN can hold this CPU weight in its own blocked layout (bench/linear_kernels.py:
-    bf16 decode matmuls ~1.9x faster at 1-8 rows, fp32 ~2.3x at 32 rows and up, same results in bf16)."""
+    bf16 decode matmuls ~1.9x faster at 1 row, fp32 ~2.3x at 32 rows and up, same results in bf16)."""
     if weight.device.type != "cpu" or weight.dtype not in PACKABLE_DTYPES or not torch.backends.mkldnn.is_available():
         return False
     return weight.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # (AVX-512 or AVX-NE)
