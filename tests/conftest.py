@@ -1,6 +1,14 @@
 """Shared fixtures: the real default model in-process, engines built on it, and a real HTTP server."""
+# ruff: noqa: E402  (Triton's mode is set before anything imports Triton: peft does)
 
 from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # the CUDA LoRA kernels run on CPU tensors in Triton's interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # (tests/test_lora_triton.py; CPU servers never use them)
 
 import asyncio
 import gc

@@ -5,6 +5,7 @@ longer than the sliding windows and past the RoPE switch points, in one mixed-ad
 from __future__ import annotations
 
 import json
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +29,10 @@ ADAPTERS = {"all": dict(rank=8, alpha=16, rslora=False), "some": dict(rank=4, al
 
 @pytest.fixture(scope="module")
 def tokenizer_dir() -> Path:
-    return default_model_dir()
+    """The default model's tokenizer; LORASERVE_TEST_TOKENIZER_DIR names a folder holding just its
+    files, where the model itself is not installed (the GPU run, bench/gpu/session.sh)."""
+    override = os.environ.get("LORASERVE_TEST_TOKENIZER_DIR")
+    return Path(override) if override else default_model_dir()
 
 
 def build_arch(arch: TinyArch, root: Path, tokenizer_dir: Path) -> tuple[Path, Path]:

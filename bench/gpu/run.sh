@@ -9,5 +9,8 @@ set -euo pipefail
 shape=${1:-llama3.1-8b}
 source bench/gpu/install.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# A GPU node's limits: batches of up to 128 rows (graphed), their KV reserved, 24 adapters of 84 MB resident.
+limits=(--max-batch-size=128 --cuda-graph-max-batch-size=128 --max-batch-total-tokens=400000
+        --max-concurrent-requests=512 --max-adapter-memory-mb=4096)
 python3 bench/gpu_serve.py --shape "$shape" --tokenizer .tok --device cuda \
-    --out "${OUT:-/tmp}/gpu_serve-$shape.json" "${@:2}"
+    --out "${OUT:-/tmp}/gpu_serve-$shape.json" "${limits[@]/#/--server-arg=}" "${@:2}"

@@ -17,6 +17,6 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 sse-starlette==3.7.0 pydantic==2.14.3 \
   pydantic-core==2.50.4 llguidance==1.9.1 annotated-doc==0.0.7 annotated-types==0.8.0 anyio==4.16.0 \
   click==8.5.1 h11==0.16.0 idna==3.20 sniffio==1.3.1 typing-inspection==0.4.5 typing-extensions==4.16.0 \
-  python-multipart==0.0.34 websockets==17.4 httpx==0.28.1 httpcore==1.0.9 certifi==2026.10.18
+  python-multipart==0.0.34 websockets==17.4 opentelemetry-api==1.45.2 httpx==0.28.1 httpcore==1.0.9 certifi==2026.10.18
 ls "$out" | wc -l | xargs echo "wheels in $out:"
 du -sh "$out"

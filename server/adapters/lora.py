@@ -6,13 +6,15 @@ LoraBatch built once by a planner: one adapter for every token (two plain matmul
 column window (two matmuls however many adapters, cost growing with the window's width), tokens
 sorted by adapter into one grouped matmul each way over the window's slots, sorted runs of tokens
 with a pair of matmuls per adapter, each token's columns gathered (BGMV), or each token's own
-columns read in place by a C kernel (server/kernels, CPU). On CPU the cheapest is picked per step
-from a cost model per dtype measured by bench/lora_op.py; on CUDA the window (what the decode
-graphs capture).
+columns read in place by a C kernel (server/kernels, CPU), or by two Triton kernels per fused
+projection (CUDA: every part at once, the rows' columns in device tensors that the decode graphs
+replay). On CPU the cheapest is picked per step from a cost model per dtype measured by
+bench/lora_op.py; on CUDA the Triton kernels (the masked window where Triton is missing).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from server.adapters.weights import AdapterKey, AdapterWeights
+from server.kernels.lora_triton import add_lora, rank_block, triton_kernels
 from server.kernels.native import LoraKernel, LoraStep, lora_kernel
 from server.model.decoder import CausalLM
 from server.model.layers import LoraTarget
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 SLOT_COLUMNS = 8  # packed columns are allocated in slots this wide, so a rank-8 adapter is one slot
 KERNEL_ANY_STEP_THREADS = 4  # up to this many torch threads the C kernel takes every CPU step ...
 KERNEL_SMALL_STEP_TOKENS = 64  # ... beyond, the steps of at most this many tokens
+SLOT_ROWS_MAX_TOKENS = 512  # CUDA: steps up to this many tokens use the Triton kernels (they read per token)
 SPREAD_SLACK = 2  # adapters' widths a step's adapters may spread beyond their own before they are packed
 Range = tuple[int, int]  # an adapter's packed columns [lo, hi)
 Ranges = tuple[Optional[Range], ...]  # per sequence; None: the base model
@@ -47,6 +51,23 @@ class LoraBatch:
     def add(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
         """y [tokens, out] += each token's delta; x: [tokens, in]; a: [cols, in]; b_t: [cols, out]."""
         raise NotImplementedError
+
+    def add_parts(self, y: torch.Tensor, x: torch.Tensor, parts: Sequence[Optional["PackedLora"]],
+                  sizes: Sequence[int]) -> None:
+        """y [tokens, sum(sizes)] += the delta of each part of a fused projection (None: no LoRA there)."""
+        start = 0
+        for lora, size in zip(parts, sizes):
+            if lora is not None:
+                self.add(y[:, start : start + size], x, lora.a, lora.b_t)
+            start += size
+
+    def token_columns(self) -> tuple[list[int], list[int]]:
+        """Each token's first packed column and width (0: the base model)."""
+        lo, width = [], []
+        for r, n in zip(self.ranges, self.query_lens):
+            lo.extend([0 if r is None else r[0]] * n)
+            width.extend([0 if r is None else r[1] - r[0]] * n)
+        return lo, width
 
     def dense_mask(self, columns: int, dtype: torch.dtype) -> torch.Tensor:
         """[tokens, columns] 0/1: each token's own columns (the CUDA graphs' masked window)."""
@@ -147,14 +168,44 @@ class TokenColumns(LoraBatch):
 
 
 @dataclass(frozen=True)
+class SlotRows(LoraBatch):
+    """Each token's own columns [lo, lo + width), read in place by two Triton kernels per fused
+    projection (server/kernels/lora_triton.py, CUDA): every part at once, the cost of its own rank
+    per token whatever the step mixes. `lo` and `width` live on the device, so a decode graph
+    captured with one mix replays any other (DecodeGraphs refills them)."""
+
+    lo: Optional[torch.Tensor] = None  # [tokens] int32 on the device
+    width: Optional[torch.Tensor] = None  # [tokens] int32; 0: the base model
+    rank_tile: int = 16  # >= every width, a power of two (the kernels' tile)
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
+        add_lora(y, x, a.unsqueeze(1), b_t, (b_t.shape[1],), self.lo, self.width, self.rank_tile)
+
+    def add_parts(self, y: torch.Tensor, x: torch.Tensor, parts: Sequence[Optional["PackedLora"]],
+                  sizes: Sequence[int]) -> None:
+        group = parts[0].group if parts[0] is not None else None
+        if group is None:  # buffers made part by part (not by this tier on CUDA)
+            super().add_parts(y, x, parts, sizes)
+            return
+        add_lora(y, x, group.a, group.b_t, tuple(sizes), self.lo, self.width, self.rank_tile)
+
+
+@dataclass(frozen=True)
+class PackedGroup:
+    """One fused projection's packed adapters, every part together (CUDA): each part's PackedLora
+    is a view into these, so the Triton kernels read all parts in one launch each way."""
+
+    a: torch.Tensor  # [cols, parts, in]
+    b_t: torch.Tensor  # [cols, sum(out)], the parts side by side as in the projection's output
+
+
+@dataclass(frozen=True)
 class PackedLora:
-    """The packed adapters of one projection; its LoraTarget calls it when the batch carries LoRA."""
+    """The packed adapters of one projection (a part of a fused one), hung on its LoraTarget."""
 
     a: torch.Tensor  # [cols, in]
     b_t: torch.Tensor  # [cols, out], scale folded in
-
-    def add(self, y: torch.Tensor, x: torch.Tensor, lora: LoraBatch) -> None:
-        lora.add(y, x, self.a, self.b_t)
+    group: Optional[PackedGroup] = None  # CUDA: the fused projection's buffers these are views of
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
@@ -189,13 +240,14 @@ class LoraPlanner:
     one (CUDA) the masked window."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, costs: Optional[LoraCosts],
-                 kernel: Optional[LoraKernel] = None) -> None:
+                 kernel: Optional[LoraKernel] = None, triton: bool = False) -> None:
         self.device, self.dtype, self.costs, self.kernel = device, dtype, costs, kernel
+        self.triton = triton  # CUDA: SlotRows for steps of up to SLOT_ROWS_MAX_TOKENS tokens
 
     @classmethod
     def for_device(cls, device: torch.device, dtype: torch.dtype) -> "LoraPlanner":
         if device.type != "cpu":
-            return cls(device, dtype, None)
+            return cls(device, dtype, None, triton=device.type == "cuda" and triton_kernels() is not None)
         kernel = lora_kernel() if dtype in (torch.bfloat16, torch.float32) else None
         return cls(device, dtype, BF16_COSTS if dtype in (torch.bfloat16, torch.float16) else FP32_COSTS, kernel)
 
@@ -212,6 +264,8 @@ class LoraPlanner:
         if self.kernel is not None and (torch.get_num_threads() <= KERNEL_ANY_STEP_THREADS
                                         or sum(query_lens) <= KERNEL_SMALL_STEP_TOKENS):
             return self._token_columns(ranges, query_lens)
+        if self.triton and sum(query_lens) <= SLOT_ROWS_MAX_TOKENS:
+            return self._slot_rows(ranges, query_lens)
         if len(used) == 1 and all(r is not None for r in ranges):
             return OneAdapter(ranges, query_lens, *used[0])
         if self.costs is None:
@@ -243,11 +297,13 @@ class LoraPlanner:
             start += n
         return MaskedWindow(ranges, query_lens, lo, hi, mask.to(self.device))
 
+    def _slot_rows(self, ranges: Ranges, query_lens: tuple[int, ...]) -> SlotRows:
+        lo, width = LoraBatch(ranges, query_lens).token_columns()
+        columns = torch.tensor([lo, width], dtype=torch.int32).to(self.device, non_blocking=True)
+        return SlotRows(ranges, query_lens, columns[0], columns[1], rank_block(max(width)))
+
     def _token_columns(self, ranges: Ranges, query_lens: tuple[int, ...]) -> TokenColumns:
-        lo, width = [], []
-        for r, n in zip(ranges, query_lens):
-            lo.extend([0 if r is None else r[0]] * n)
-            width.extend([0 if r is None else r[1] - r[0]] * n)
+        lo, width = LoraBatch(ranges, query_lens).token_columns()
         order = sorted(range(len(lo)), key=lambda t: (lo[t], width[t]))  # stable: rows ascending per adapter
         as_tensor = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
         return TokenColumns(ranges, query_lens, self.kernel.step(as_tensor(lo), as_tensor(width), as_tensor(order)))
@@ -341,6 +397,7 @@ class ResidentAdapters:
 
     def __init__(self, model: CausalLM, max_active: int, max_bytes: int, preallocate: bool = False) -> None:
         self.projections: dict[tuple[int, str], LoraTarget] = model.lora_targets()
+        self.groups = model.lora_groups()
         for module in self.projections.values():
             module.lora = None  # this tier owns the model's LoRA buffers from now on
         self.max_active, self.max_bytes = max_active, max_bytes
@@ -356,7 +413,7 @@ class ResidentAdapters:
         self._column_bytes = features * self.dtype.itemsize
         self.capacity = 0
         self.preallocated = preallocate
-        self._made: Optional[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]] = None  # make_pool's buffers
+        self._made: Optional[dict[tuple[int, str], PackedLora]] = None  # make_pool's buffers
         self._pool_claimed = False  # a loader has made (or tried to make) the pool, or the engine made its own
         self._making = threading.Lock()
         self.loads = 0
@@ -434,19 +491,31 @@ class ResidentAdapters:
             new_capacity = max(columns, self._budget_columns()) if not self.capacity else columns + 4 * SLOT_COLUMNS
         else:
             new_capacity = max(columns, 2 * self.capacity, 16)
-        for key, (a, b_t) in self._zeroed(new_capacity).items():
+        for key, packed in self._zeroed(new_capacity).items():
             module = self.projections[key]
             if module.lora is not None and self.capacity:  # (lora left by an earlier tier on this model: replaced)
-                a[: self.capacity] = module.lora.a
-                b_t[: self.capacity] = module.lora.b_t
-            module.lora = PackedLora(a, b_t)
+                packed.a[: self.capacity] = module.lora.a
+                packed.b_t[: self.capacity] = module.lora.b_t
+            module.lora = packed
         self.capacity = new_capacity
 
-    def _zeroed(self, columns: int) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
-        """New zeroed buffers for every projection: A rows [columns, in], B^T rows [columns, out]."""
-        return {key: (torch.zeros(columns, m.in_features, device=self.device, dtype=self.dtype),
-                      torch.zeros(columns, m.out_features, device=self.device, dtype=self.dtype))
-                for key, m in self.projections.items()}
+    def _zeroed(self, columns: int) -> dict[tuple[int, str], PackedLora]:
+        """New zeroed buffers for every projection: A rows [columns, in], B^T rows [columns, out];
+        for the Triton kernels, views into one pair of buffers per fused projection (PackedGroup)."""
+        zeros = functools.partial(torch.zeros, device=self.device, dtype=self.dtype)
+        if not self.planner.triton:
+            return {key: PackedLora(zeros(columns, m.in_features), zeros(columns, m.out_features))
+                    for key, m in self.projections.items()}
+        out = {}
+        for keys in self.groups:
+            parts = [self.projections[key] for key in keys]
+            group = PackedGroup(zeros(columns, len(parts), parts[0].in_features),
+                                zeros(columns, sum(m.out_features for m in parts)))
+            start = 0
+            for p, (key, module) in enumerate(zip(keys, parts)):
+                out[key] = PackedLora(group.a[:, p], group.b_t[:, start : start + module.out_features], group)
+                start += module.out_features
+        return out
 
     def make_pool(self) -> None:
         """On a loader thread, ahead of the first activation: the preallocated pool's buffers,
@@ -467,11 +536,11 @@ class ResidentAdapters:
         loader makes another after this, whether or not there was one to install."""
         with self._making:
             made, self._made, self._pool_claimed = self._made, None, True
-        made_columns = next(iter(made.values()))[0].shape[0] if made else 0
+        made_columns = next(iter(made.values())).a.shape[0] if made else 0
         if columns > made_columns:
             return False
         for key, module in self.projections.items():
-            module.lora = PackedLora(*made[key])
+            module.lora = made[key]
         self.capacity = made_columns
         return True
 

@@ -26,6 +26,7 @@ from server.engine.request import Request, SamplingParams, StopCriteria
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerBudget
 from server.errors import ServingError, StartupError, one_line
+from server.kernels.lora_triton import triton_kernels
 from server.model.default_model import loraserve_home
 from server.model.loader import LoadedModel, load_model_explained, resolve_model_dir
 from server.structured.guide import GuideFactory
@@ -120,8 +121,12 @@ def build_kv_cache(settings: Settings, loaded: LoadedModel) -> KVCache | PagedKV
 
 
 def preallocates_adapters(device: torch.device, budget_mb: int) -> bool:
-    """On CPU the adapter pool is made whole at the first activation when its budget is a modest
-    share of the host's free memory (a budget set high to mean "no limit" grows by doubling)."""
+    """The adapter pool is made whole ahead of the first activation: on CPU when its budget is a
+    modest share of the host's free memory (a budget set high to mean "no limit" grows by
+    doubling); on CUDA when the Triton kernels read each row's columns wherever they are (growing
+    would re-capture every decode graph; a masked window over a whole pool would read all of it)."""
+    if device.type == "cuda":
+        return triton_kernels() is not None and budget_mb * 2**20 <= torch.cuda.mem_get_info(device)[0] // 2
     free = available_host_memory()
     return device.type == "cpu" and free is not None and budget_mb * 2**20 <= free // 4
 

@@ -4,8 +4,9 @@ On a GPU an eager decode step is bound by the host launching ~25 kernels per lay
 30 ms per step against a 5 ms memory-bandwidth floor, measured on an H100); a replayed graph is one
 launch. A graph fixes shapes and addresses, so a graphed step pads its rows to the bucket (padding
 rows use the free KV slots above the batch, which dense slots guarantee), attends over the whole
-cache capacity under a mask, and applies LoRA over every packed column under a per-row mask.
-Graphs are dropped whenever the KV cache or the packed LoRA buffers are reallocated.
+cache capacity under a mask, and applies LoRA with the Triton kernels, each row's packed columns
+refilled in device buffers before a replay (without Triton: over every packed column under a
+per-row mask). Graphs are dropped whenever the KV cache or the packed LoRA buffers are reallocated.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from server.adapters.lora import LoraBatch, MaskedWindow, ResidentAdapters
+from server.adapters.lora import LoraBatch, MaskedWindow, ResidentAdapters, SlotRows
 from server.engine.kv_cache import KVCache
 from server.model.decoder import CausalLM, ForwardBatch
 
@@ -28,7 +29,7 @@ _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 @dataclass
 class GraphedStep:
     batch: ForwardBatch  # the static input buffers the graph reads
-    lora_mask: Optional[torch.Tensor]  # [bucket, packed columns], None for base-only steps
+    lora_mask: Optional[torch.Tensor]  # [bucket, packed columns]: the masked window's (no Triton)
     graph: Optional[torch.cuda.CUDAGraph] = None
     logits: Optional[torch.Tensor] = None  # [bucket, vocab], written by every replay
 
@@ -53,18 +54,35 @@ class DecodeGraphs:
             self.pool = torch.cuda.graph_pool_handle()  # the old pool dies with its last graph
             self._shapes = (self.kv.capacity, self.adapters.capacity)
         bucket = next(b for b in self.buckets if b >= seqs)
-        key = (bucket, batch.lora is not None)
+        key = (bucket, self._lora_tile(batch.lora))
         step = self.steps.get(key)
         if step is None:
-            step = self._capture(bucket, batch, seqs)
+            step = self._capture(bucket, key[1], batch, seqs)
         else:
             self._fill(step, batch, seqs)
         step.graph.replay()
         return step.logits[:seqs]
 
-    def _static_batch(self, bucket: int, with_lora: bool) -> tuple[ForwardBatch, Optional[torch.Tensor]]:
+    def _lora_tile(self, lora: Optional[LoraBatch]) -> int:
+        """Part of a graph's key: 0 without LoRA; the Triton kernels' rank tile (1 for the window)."""
+        if lora is None:
+            return 0
+        return lora.rank_tile if isinstance(lora, SlotRows) else 1
+
+    def _static_lora(self, bucket: int, tile: int) -> tuple[Optional[LoraBatch], Optional[torch.Tensor]]:
+        """The LoRA plan a graph captures, over static buffers: rows' columns, or a window's mask."""
         device = self.kv.device
-        mask = torch.zeros(bucket, self.adapters.capacity, device=device, dtype=self.kv.dtype) if with_lora else None
+        if tile == 0:
+            return None, None
+        if tile > 1:
+            columns = torch.zeros(2, bucket, dtype=torch.int32, device=device)
+            return SlotRows((), (), columns[0], columns[1], tile), None
+        mask = torch.zeros(bucket, self.adapters.capacity, device=device, dtype=self.kv.dtype)
+        return MaskedWindow((), (), 0, self.adapters.capacity, mask), mask
+
+    def _static_batch(self, bucket: int, tile: int) -> tuple[ForwardBatch, Optional[torch.Tensor]]:
+        device = self.kv.device
+        lora, mask = self._static_lora(bucket, tile)
         batch = ForwardBatch(
             input_ids=torch.zeros(bucket, dtype=torch.long, device=device),
             positions=torch.zeros(bucket, dtype=torch.long, device=device),
@@ -72,18 +90,17 @@ class DecodeGraphs:
             query_lens=[1] * bucket,
             context_lens=[1] * bucket,
             is_decode=True,
-            lora=MaskedWindow((), (), 0, self.adapters.capacity, mask) if with_lora else None,
+            lora=lora,
             dense_slots=True,
             kv_lens=torch.ones(bucket, dtype=torch.long, device=device),
             attend_len=self.kv.capacity,
         )
         return batch, mask
 
-    def _capture(self, bucket: int, batch: ForwardBatch, seqs: int) -> GraphedStep:
+    def _capture(self, bucket: int, tile: int, batch: ForwardBatch, seqs: int) -> GraphedStep:
         """Capture with this step's own rows in the buffers: the warm-up passes really run, and so
         write exactly the KV entries this step's replay writes (padding rows: free slots only)."""
-        with_lora = batch.lora is not None
-        step = GraphedStep(*self._static_batch(bucket, with_lora))
+        step = GraphedStep(*self._static_batch(bucket, tile))
         self._fill(step, batch, seqs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -94,9 +111,9 @@ class DecodeGraphs:
         step.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(step.graph, pool=self.pool, capture_error_mode="thread_local"):
             step.logits = self.model(step.batch, self.kv)
-        log.info("captured a decode CUDA graph: %d rows, LoRA %s, KV capacity %d", bucket, with_lora,
-                 self.kv.capacity)
-        self.steps[(bucket, with_lora)] = step
+        log.info("captured a decode CUDA graph: %d rows, LoRA %s, KV capacity %d", bucket,
+                 {0: "none", 1: "masked window"}.get(tile, f"rank tile {tile}"), self.kv.capacity)
+        self.steps[(bucket, tile)] = step
         return step
 
     @staticmethod
@@ -109,7 +126,11 @@ class DecodeGraphs:
         static.input_ids[seqs:].zero_()
         static.positions[seqs:].zero_()
         static.kv_lens[seqs:].fill_(1)
+        lora: Optional[LoraBatch] = batch.lora
         if step.lora_mask is not None:
-            lora: LoraBatch = batch.lora
             step.lora_mask.zero_()
             step.lora_mask[:seqs].copy_(lora.dense_mask(step.lora_mask.shape[1], step.lora_mask.dtype))
+        elif isinstance(static.lora, SlotRows):  # padding rows: width 0, no LoRA
+            static.lora.width[seqs:].zero_()
+            static.lora.lo[:seqs].copy_(lora.lo)
+            static.lora.width[:seqs].copy_(lora.width)

@@ -18,7 +18,8 @@ from server.model.arch import Norm
 class LoraTarget(nn.Module):
     """Where the adapter tier hangs one projection's packed LoRA (`lora`, a PackedLora or None).
 
-    The model never imports the adapter code; it only calls `lora(x, batch.lora)` for a delta.
+    The model never imports the adapter code: a Projection hands its parts' `lora` to the step's
+    plan (`batch.lora.add_parts`), which adds the deltas.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -26,10 +27,6 @@ class LoraTarget(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.lora: Any = None
 
-    def add_delta(self, y: torch.Tensor, x: torch.Tensor, batch: Any) -> None:
-        """y += this projection's LoRA delta for the batch's rows (y may be a column slice)."""
-        if self.lora is not None and batch.lora is not None:
-            self.lora.add(y, x, batch.lora)
 
 
 INT8_MAX_ROWS = 4  # int8 matmuls beat float ones up to this many rows on CPU (bench/step_time.py)
@@ -86,15 +83,13 @@ class Projection(nn.Module):
         self.weight = nn.Parameter(torch.empty(sum(self.sizes), in_features))
         self.bias = nn.Parameter(torch.empty(sum(self.sizes))) if bias else None
         self.targets = nn.ModuleDict({n: LoraTarget(in_features, size) for n, size in parts.items()})
+        self.target_list = tuple(self.targets.values())  # (the same modules, read every step)
 
     def forward(self, x: torch.Tensor, batch: Any = None) -> torch.Tensor:
         """Returns the parts side by side: [tokens, sum(sizes)]."""
         y = linear(x, self.weight, self.bias, self.int8, self.packed)
-        if batch is not None and batch.lora is not None:
-            start = 0
-            for name, size in zip(self.names, self.sizes):
-                self.targets[name].add_delta(y[:, start : start + size], x, batch)
-                start += size
+        if batch is not None and batch.lora is not None:  # every part's delta, in one go where the plan can
+            batch.lora.add_parts(y, x, [t.lora for t in self.target_list], self.sizes)
         return y
 
     def prepack(self, keep_weight: bool) -> int:

@@ -1,0 +1,159 @@
+"""The CUDA LoRA kernels (server/kernels/lora_triton.py), run by Triton's interpreter on CPU tensors
+(TRITON_INTERPRET=1, fp32: the interpreter mangles bf16 here): against a row-by-row float64
+reference, part by part for a fused projection, and through a tiny model's forward pass against
+the CPU path. On a GPU the same kernels are compiled; bench/gpu/session.sh checks them there."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from server.adapters.lora import FP32_COSTS, LoraPlanner, ResidentAdapters, SlotRows, lora_delta
+from server.adapters.weights import AdapterKey, AdapterWeights
+from server.kernels import lora_triton
+from server.model.decoder import ForwardBatch
+from tests.test_lora_op import CASES, lora_reference, make_adapters, pack
+
+pytest.importorskip("triton")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: interpreted (tests/conftest.py)
+
+
+@pytest.fixture(autouse=True)
+def kernels():
+    assert lora_triton.triton_kernels() is not None
+
+
+def planner(triton: bool) -> LoraPlanner:
+    """The Triton plan, or the CPU tier's own (the torch methods by cost; on CUDA the masked window)."""
+    return LoraPlanner(DEVICE, torch.float32, costs=None if triton or DEVICE.type == "cuda" else FP32_COSTS,
+                       triton=triton)
+
+
+@pytest.mark.parametrize("gap", [0, 2])
+@pytest.mark.parametrize("ranks, rows", CASES)
+def test_slot_rows_match_float64_reference(ranks, rows, gap):
+    adapters = make_adapters(ranks)
+    a, b_t, offsets = pack(adapters, gap)
+    x = torch.randn(len(rows), a.shape[1])
+    ranges = tuple(offsets[r] if r is not None else None for r in rows)
+    plan = planner(triton=True).plan(ranges, (1,) * len(rows))
+    assert isinstance(plan, SlotRows) and plan.rank_tile >= max(hi - lo for lo, hi in offsets)
+    want = lora_reference(x, [adapters[r] if r is not None else None for r in rows])
+    got = lora_delta(x.to(DEVICE), a.to(DEVICE), b_t.to(DEVICE), plan)
+    torch.testing.assert_close(got.cpu().double(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tokens, in_features", [(1, 1000), (3, 129), (40, 64)])
+def test_fused_parts_in_one_launch_each_way(tokens, in_features):
+    """Three parts of different widths over one shared input, B^T side by side: each output column
+    gets its own part's delta, rows without an adapter are untouched, the input split or not."""
+    g = torch.Generator().manual_seed(1)
+    sizes, cols = (96, 32, 160), 40
+    a = torch.randn(cols, len(sizes), in_features, generator=g)
+    b_t = torch.randn(cols, sum(sizes), generator=g)
+    lo = torch.tensor([(8 * t) % 32 for t in range(tokens)], dtype=torch.int32)
+    width = torch.tensor([(0, 8, 16)[t % 3] for t in range(tokens)], dtype=torch.int32)
+    x = torch.randn(tokens, in_features, generator=g)
+    y = torch.randn(tokens, sum(sizes), generator=g)
+    want = y.double().clone()
+    for t in range(tokens):
+        cols_t = slice(int(lo[t]), int(lo[t] + width[t]))
+        start = 0
+        for p, size in enumerate(sizes):
+            xa = x[t].double() @ a[cols_t, p].double().T
+            want[t, start : start + size] += xa @ b_t[cols_t, start : start + size].double()
+            start += size
+    y = y.to(DEVICE)
+    lora_triton.add_lora(y, x.to(DEVICE), a.to(DEVICE), b_t.to(DEVICE), sizes, lo.to(DEVICE), width.to(DEVICE), 16)
+    torch.testing.assert_close(y.cpu().double(), want, atol=1e-3, rtol=1e-4)
+
+
+def test_add_lora_refuses_what_it_cannot_read():
+    a, b_t = torch.zeros(8, 2, 16), torch.zeros(8, 24)
+    lo = width = torch.zeros(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="parts"):
+        lora_triton.add_lora(torch.zeros(2, 24), torch.zeros(2, 16), a, b_t, (12, 10), lo, width, 16)
+    with pytest.raises(ValueError, match="strides"):
+        lora_triton.add_lora(torch.zeros(2, 24), torch.zeros(16, 2).t(), a, b_t, (12, 12), lo, width, 16)
+
+
+@pytest.mark.parametrize("tokens, parts, in_features, expected", [(1, 3, 4096, 32), (64, 3, 4096, 3),
+                                                                  (256, 1, 4096, 2), (4, 1, 64, 1)])
+def test_the_input_is_split_to_fill_the_gpu(tokens, parts, in_features, expected):
+    assert lora_triton.splits_for(tokens, parts, in_features) == expected
+
+
+def test_grouped_buffers_give_the_same_forward_pass_as_the_cpu_path(tiny_model):
+    """The tier's CUDA layout (one A and one B^T buffer per fused projection, each part a view of
+    them) with the Triton plan, against the tier's CPU layout and plan, on a tiny model's logits for
+    a batch that mixes two adapters of different ranks and the base model."""
+    model = tiny_model
+    adapters = []
+    for i, rank in enumerate((8, 16)):
+        g = torch.Generator().manual_seed(20 + i)
+        modules = {key: (torch.randn(rank, t.in_features, generator=g) * 0.2,
+                         torch.randn(t.out_features, rank, generator=g) * 0.2)
+                   for key, t in model.lora_targets().items()}
+        adapters.append(AdapterWeights(AdapterKey("local", f"a{i}"), rank, modules))
+    logits = []
+    for triton in (False, True):
+        resident = ResidentAdapters(model, 0, 1 << 30)
+        resident.planner = planner(triton)
+        for adapter in adapters:
+            assert resident.activate(adapter, pinned=set())
+        if triton:
+            group = model.model.layers[0].self_attn.qkv_proj.target_list[0].lora.group
+            assert group is not None and group.a.shape[1] == 3
+        rows = [adapters[0], None, adapters[1], adapters[0]]
+        lora = resident.batch_for(rows, [2, 3, 1, 2])
+        assert isinstance(lora, SlotRows) == triton
+        logits.append(model(prefill_batch([2, 3, 1, 2], lora, model.config.vocab_size), NoCache()))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    assert (logits[1] - model(prefill_batch([2, 3, 1, 2], None, model.config.vocab_size), NoCache())).abs().max() > 0.1
+
+
+class NoCache:
+    """A KV store for one prefill of fresh sequences: attention reads back what it just wrote."""
+
+    def __init__(self) -> None:
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def write(self, layer, k, v, batch):
+        self.kv[layer] = (k, v)
+
+    def prefill_kv(self, layer, batch, seq):
+        k, v = self.kv[layer]
+        start = sum(batch.query_lens[:seq])
+        n = batch.query_lens[seq]
+        return (k[start : start + n].transpose(0, 1).unsqueeze(0), v[start : start + n].transpose(0, 1).unsqueeze(0))
+
+    def decode_kv(self, layer, batch):
+        raise AssertionError("prefill only")
+
+    def decode_attention(self, layer, q, batch, window, scale):
+        return None
+
+
+def prefill_batch(lens: list[int], lora, vocab: int) -> ForwardBatch:
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, vocab, (sum(lens),), generator=g)
+    positions = torch.cat([torch.arange(n) for n in lens])
+    return ForwardBatch(input_ids=ids.to(DEVICE), positions=positions.to(DEVICE), slots=torch.arange(len(lens)),
+                        query_lens=lens, context_lens=lens, is_decode=False, lora=lora)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from server.model.arch import ArchConfig
+    from server.model.decoder import CausalLM
+
+    arch = ArchConfig.from_hf({"model_type": "llama", "hidden_size": 64, "intermediate_size": 96,
+                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                               "vocab_size": 128, "max_position_embeddings": 256})
+    torch.manual_seed(0)
+    model = CausalLM(arch)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.init_rotaries(DEVICE)
+    return model.to(DEVICE).eval()
