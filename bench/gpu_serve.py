@@ -126,6 +126,37 @@ class Server:
         self.log.close()
 
 
+STEP_SERIES = {"step": "loraserve_step_seconds", "device": "loraserve_step_device_seconds"}
+
+
+def step_totals(url: str) -> dict[str, float]:
+    """Sums and counts of the decode steps' wall time and their forward passes' GPU time, from /metrics."""
+    totals = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        for name, series in STEP_SERIES.items():
+            for part in ("sum", "count"):
+                if line.startswith(f'{series}_{part}{{kind="decode"}}'):
+                    totals[f"{name}_{part}"] = float(line.split()[-1])
+    return totals
+
+
+def step_split(before: dict[str, float], after: dict[str, float]) -> dict[str, Optional[float]]:
+    """A scenario's mean decode step: its wall time, the GPU time of its forward pass, and the host's
+    share (the rest: batch building, sampling, detokenising, streaming)."""
+    def mean(name: str) -> Optional[float]:
+        count = after.get(f"{name}_count", 0) - before.get(f"{name}_count", 0)
+        return 1000 * (after[f"{name}_sum"] - before.get(f"{name}_sum", 0)) / count if count else None
+
+    step, device = mean("step"), mean("device")
+    host = step - device if step is not None and device is not None else None
+    return {"decode_steps": after.get("step_count", 0) - before.get("step_count", 0),
+            "step_ms": _round(step), "device_ms": _round(device), "host_ms": _round(host)}
+
+
+def _round(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 2)
+
+
 def zipf(names: list[str], count: int, s: float = 1.1, seed: int = 0) -> list[str]:
     """`count` draws over `names`, the k-th most popular with weight 1 / k^s."""
     return random.Random(seed).choices(names, weights=[1 / (k + 1) ** s for k in range(len(names))], k=count)
@@ -208,8 +239,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
             if time.monotonic() - started > args.budget_s:
                 report["skipped"].append(name)
                 continue
+            before = step_totals(server.url)
             result = asyncio.run(scenario(server.url))
-            report["scenarios"][name] = result if isinstance(result, dict) else asdict(result)
+            report["scenarios"][name] = {**(result if isinstance(result, dict) else asdict(result)),
+                                         **step_split(before, step_totals(server.url))}
             print(name, json.dumps(report["scenarios"][name])[:200], flush=True)
             report["ratios"] = ratios(report["scenarios"], args, args.adapters)
             out.write_text(json.dumps(report, indent=2))

@@ -22,6 +22,9 @@ BATCH_SIZE = Histogram("loraserve_batch_size", "Sequences per forward pass", ["k
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
 STEP_SECONDS = Histogram("loraserve_step_seconds", "Duration of one engine step", ["kind"], registry=REGISTRY,
                          buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2))
+STEP_DEVICE_SECONDS = Histogram("loraserve_step_device_seconds", "GPU time of one engine step's forward pass "
+                                "(CUDA; loraserve_step_seconds minus this is the host's share)", ["kind"],
+                                registry=REGISTRY, buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0))
 TTFT_SECONDS = Histogram("loraserve_time_to_first_token_seconds", "Arrival to first token", registry=REGISTRY,
                          buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 PREFIX_LOOKUP_TOKENS = Counter("loraserve_prefix_cache_lookup_tokens", "Prompt tokens looked up in the KV "

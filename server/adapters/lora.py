@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from server.adapters.weights import AdapterKey, AdapterWeights
+from server.kernels import lora_triton
 from server.kernels.lora_triton import add_lora, rank_block, triton_kernels
 from server.kernels.native import LoraKernel, LoraStep, lora_kernel
 from server.model.decoder import CausalLM
@@ -419,6 +420,15 @@ class ResidentAdapters:
         self.loads = 0
         self.evictions = 0
         self.relocations = 0  # adapters moved next to the rest of their batch (_pack_together)
+
+    def warm_up_kernels(self) -> None:
+        """CUDA: compile the Triton kernels for this model's fused projections before serving."""
+        if not self.planner.triton:
+            return
+        shapes = {(len(keys), self.projections[keys[0]].in_features,
+                   tuple(self.projections[key].out_features for key in keys)) for keys in self.groups}
+        seconds = lora_triton.warm_up(shapes, self.device, self.dtype)
+        log.info("Triton LoRA kernels ready for %d projection shapes in %.1f s", len(shapes), seconds)
 
     def is_active(self, adapter: AdapterWeights) -> bool:
         return adapter in self._columns

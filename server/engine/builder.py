@@ -162,6 +162,7 @@ def _assemble(settings: Settings, loaded: LoadedModel, phases: PhaseLog) -> Asyn
         phases.enter(StartPhase.PRELOADING_ADAPTERS)
         preload(store, settings.adapters.preload_adapters)
     phases.enter(StartPhase.WARMING_UP)
+    resident.warm_up_kernels()
     warm_up(engine, loaded)
     guides = GuideFactory(loaded.tokenizer, loaded.eos_token_ids, limits.max_cached_schemas)
     async_engine = AsyncEngine(engine, loaded, limits, store, guides)

@@ -21,7 +21,8 @@ from server.engine.request import FinishReason, Request, RequestEvent, TokenInfo
 from server.engine.runner import ModelRunner
 from server.engine.sampler import SampledToken
 from server.engine.scheduler import BatchPlan, Scheduler
-from server.metrics import BATCH_SIZE, GENERATED_TOKENS, ITL_SECONDS, STEP_SECONDS, TTFT_SECONDS
+from server.metrics import BATCH_SIZE, GENERATED_TOKENS, ITL_SECONDS, STEP_DEVICE_SECONDS, STEP_SECONDS, TTFT_SECONDS
+from server.structured.guide import mask_rows
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self.fatal_error: Optional[BaseException] = None
         self.steps = 0
+        self.timer = ForwardTimer(runner.device)
 
     # -- the loop ---------------------------------------------------------------------------------
     def step(self) -> bool:
@@ -45,9 +47,12 @@ class Engine:
         if plan is None:
             return False
         with STEP_SECONDS.labels(plan.kind.value).time():
+            self.timer.begin()
             logits = self._forward(plan)  # [rows, vocab] or None if the pass failed
+            self.timer.end()
             if logits is not None:
-                self._advance(plan, logits)
+                self._advance(plan, logits)  # (waits for the logits)
+        self.timer.observe(plan.kind.value)
         self._retire()
         return True
 
@@ -145,6 +150,9 @@ class Engine:
         requests = plan.requests
         sampling = [plan.samples(row) for row in range(len(requests))]
         plan.mark_computed()
+        guided = [row for row in range(len(requests)) if sampling[row] and requests[row].guide is not None]
+        if guided:  # first, while the GPU may still be computing the logits
+            mask_rows(logits, guided, [requests[row].guide for row in guided])
         greedy_rows = [row for row in sampler.plain_greedy_rows(requests) if sampling[row]]
         picked: dict[int, SampledToken] = {}
         if greedy_rows:
@@ -210,6 +218,28 @@ class Engine:
                     item.finish(FinishReason.ERROR, message)
         except queue.Empty:
             pass
+
+
+class ForwardTimer:
+    """CUDA: the GPU time of each step's forward pass, from events recorded around it and read once
+    the step has waited for its logits (no sync of its own). Nothing on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.enabled = device.type == "cuda"
+        if self.enabled:
+            self.start, self.stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def begin(self) -> None:
+        if self.enabled:
+            self.start.record()
+
+    def end(self) -> None:
+        if self.enabled:
+            self.stop.record()
+
+    def observe(self, kind: str) -> None:
+        if self.enabled and self.stop.query():
+            STEP_DEVICE_SECONDS.labels(kind).observe(self.start.elapsed_time(self.stop) / 1000)
 
 
 def _matches_stop(text: str, delta: str, stops: tuple[str, ...]) -> bool:

@@ -68,14 +68,12 @@ def _typical_filter(logits: torch.Tensor, mass: float) -> torch.Tensor:
 
 
 def sample_row(logits: torch.Tensor, request: Request) -> SampledToken:
-    """logits: [vocab] float32 for one request."""
+    """logits: [vocab] float32 for one request (a constrained one's arrive masked: Engine._advance)."""
     params = request.params
     if params.has_penalties:
         logits = apply_penalties(logits, params, request.prompt_ids, request.output_ids)
     for processor in request.processors:
         logits = processor(logits, request)
-    if request.guide is not None:
-        logits = request.guide.mask(logits)
     if params.greedy:
         log_probs = logits.log_softmax(-1)
         token = int(torch.argmax(logits))
@@ -105,7 +103,7 @@ def greedy_batch(logits: torch.Tensor) -> list[SampledToken]:
 
 def is_plain_greedy(request: Request) -> bool:
     return (request.params.greedy and not request.params.has_penalties and not request.processors
-            and not request.options.top_alternatives and request.guide is None)
+            and not request.options.top_alternatives)
 
 
 def plain_greedy_rows(requests: Sequence[Request]) -> list[int]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from typing import Optional
 
 import torch
@@ -37,52 +38,10 @@ def triton_kernels() -> Optional[tuple]:
     """(shrink, expand) jitted kernels, or None where Triton is missing or broken (callers keep
     their torch path)."""
     try:
-        import triton
-        import triton.language as tl
+        from server.kernels.lora_triton_jit import expand, shrink
     except Exception as exc:  # noqa: BLE001 (any import failure: no Triton here)
         log.info("Triton unavailable (%s): LoRA on CUDA uses torch matmuls", exc)
         return None
-
-    @triton.jit
-    def shrink(x_ptr, x_stride, a_ptr, lo_ptr, rank_ptr, out_ptr, tokens, in_features, per_split,
-               PARTS: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr):
-        t, p, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rank = tl.load(rank_ptr + t)
-        if rank > 0:
-            lo = tl.load(lo_ptr + t).to(tl.int64)
-            r = tl.arange(0, RANK)
-            rows = a_ptr + ((lo + r[:, None]) * PARTS + p) * in_features  # [RANK, 1] row starts
-            acc = tl.zeros([RANK], dtype=tl.float32)
-            start = s * per_split
-            for offset in range(0, per_split, BLOCK):
-                k = start + offset + tl.arange(0, BLOCK)
-                kmask = k < in_features
-                xv = tl.load(x_ptr + t * x_stride + k, mask=kmask, other=0.0).to(tl.float32)
-                av = tl.load(rows + k[None, :], mask=(r[:, None] < rank) & kmask[None, :], other=0.0)
-                acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
-            tl.store(out_ptr + ((s * tokens + t) * PARTS + p) * RANK + r, acc)
-
-    @triton.jit
-    def expand(y_ptr, y_stride, b_ptr, lo_ptr, rank_ptr, part_ptr, tokens, out_features, first_end, second_end,
-               SPLITS: tl.constexpr, PARTS: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr):
-        t, block = tl.program_id(0), tl.program_id(1)
-        rank = tl.load(rank_ptr + t)
-        if rank > 0:
-            lo = tl.load(lo_ptr + t).to(tl.int64)
-            n = block * BLOCK + tl.arange(0, BLOCK)
-            nmask = n < out_features
-            part = (n >= first_end).to(tl.int32) + (n >= second_end).to(tl.int32)  # which part column n is in
-            r = tl.arange(0, RANK)
-            mask = (r[:, None] < rank) & nmask[None, :]
-            xa = tl.zeros([RANK, BLOCK], dtype=tl.float32)
-            for s in tl.static_range(SPLITS):
-                xa += tl.load(part_ptr + ((s * tokens + t) * PARTS + part[None, :]) * RANK + r[:, None],
-                              mask=mask, other=0.0)
-            bv = tl.load(b_ptr + (lo + r[:, None]) * out_features + n[None, :], mask=mask, other=0.0)
-            delta = tl.sum(xa * bv.to(tl.float32), axis=0)
-            y = tl.load(y_ptr + t * y_stride + n, mask=nmask, other=0.0)
-            tl.store(y_ptr + t * y_stride + n, (y.to(tl.float32) + delta).to(y.dtype), mask=nmask)
-
     return shrink, expand
 
 
@@ -121,5 +80,25 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tenso
                                     PARTS=parts, RANK=rank_tile, BLOCK=SHRINK_BLOCK)
     ends = [sum(part_sizes[: i + 1]) for i in range(parts)] + [out_features] * (MAX_PARTS - parts)
     expand[(tokens, -(-out_features // EXPAND_BLOCK))](
-        y, y.stride(0), b_t, lo, rank, partial, tokens, out_features, ends[0], ends[1],
-        SPLITS=splits, PARTS=parts, RANK=rank_tile, BLOCK=EXPAND_BLOCK)
+        y, y.stride(0), b_t, lo, rank, partial, tokens, out_features, ends[0], ends[1], splits,
+        PARTS=parts, RANK=rank_tile, BLOCK=EXPAND_BLOCK)
+
+
+WARM_RANK_TILES = (16, 32, 64)  # compiled at start; a wider adapter's tile compiles at its first use
+
+
+def warm_up(shapes: set[tuple[int, int, tuple[int, ...]]], device: torch.device, dtype: torch.dtype) -> float:
+    """Compile the kernels for each (parts, in, part sizes) of a model and the usual rank tiles, on
+    rows of no adapter (nothing is computed): a compile inside serving stalled every stream for
+    ~1 s, and inside a CUDA graph's capture. Triton keeps compiled kernels on disk, so a restart
+    is quick. Returns the seconds taken."""
+    started = time.monotonic()
+    for parts, in_features, sizes in sorted(shapes):
+        x = torch.zeros(2, in_features, device=device, dtype=dtype)
+        y = torch.zeros(2, sum(sizes), device=device, dtype=dtype)
+        a = torch.zeros(8, parts, in_features, device=device, dtype=dtype)
+        b_t = torch.zeros(8, sum(sizes), device=device, dtype=dtype)
+        lo = width = torch.zeros(2, dtype=torch.int32, device=device)
+        for tile in WARM_RANK_TILES:
+            add_lora(y, x, a, b_t, sizes, lo, width, tile)
+    return time.monotonic() - started
