@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.adapters.lora import FP32_COSTS, LoraPlanner, ResidentAdapters, SlotRows, lora_delta
+from server.adapters.lora import FP32_COSTS, LoraPlanner, ResidentAdapters, SortedTiles, lora_delta
 from server.adapters.weights import AdapterKey, AdapterWeights
 from server.kernels import lora_triton
 from server.model.decoder import ForwardBatch
@@ -31,13 +31,13 @@ def planner(triton: bool) -> LoraPlanner:
 
 @pytest.mark.parametrize("gap", [0, 2])
 @pytest.mark.parametrize("ranks, rows", CASES)
-def test_slot_rows_match_float64_reference(ranks, rows, gap):
+def test_sorted_tiles_match_float64_reference(ranks, rows, gap):
     adapters = make_adapters(ranks)
     a, b_t, offsets = pack(adapters, gap)
     x = torch.randn(len(rows), a.shape[1])
     ranges = tuple(offsets[r] if r is not None else None for r in rows)
     plan = planner(triton=True).plan(ranges, (1,) * len(rows))
-    assert isinstance(plan, SlotRows) and plan.rank_tile >= max(hi - lo for lo, hi in offsets)
+    assert isinstance(plan, SortedTiles) and plan.rank_tile >= max(hi - lo for lo, hi in offsets)
     want = lora_reference(x, [adapters[r] if r is not None else None for r in rows])
     got = lora_delta(x.to(DEVICE), a.to(DEVICE), b_t.to(DEVICE), plan)
     torch.testing.assert_close(got.cpu().double(), want, atol=1e-4, rtol=1e-4)
@@ -64,17 +64,35 @@ def test_fused_parts_in_one_launch_each_way(tokens, in_features):
             want[t, start : start + size] += xa @ b_t[cols_t, start : start + size].double()
             start += size
     y = y.to(DEVICE)
-    lora_triton.add_lora(y, x.to(DEVICE), a.to(DEVICE), b_t.to(DEVICE), sizes, lo.to(DEVICE), width.to(DEVICE), 16)
+    order, tiles = lora_triton.plan_tiles(lo.tolist(), width.tolist(), max_tiles=tokens)
+    order, tiles = torch.tensor(order, dtype=torch.int32), torch.tensor(tiles, dtype=torch.int32)
+    lora_triton.add_lora(y, x.to(DEVICE), a.to(DEVICE), b_t.to(DEVICE), sizes, order.to(DEVICE), tiles.to(DEVICE), 16)
     torch.testing.assert_close(y.cpu().double(), want, atol=1e-3, rtol=1e-4)
 
 
 def test_add_lora_refuses_what_it_cannot_read():
     a, b_t = torch.zeros(8, 2, 16), torch.zeros(8, 24)
-    lo = width = torch.zeros(2, dtype=torch.int32)
+    order, tiles = torch.zeros(2, dtype=torch.int32), torch.zeros(4, 2, dtype=torch.int32)
     with pytest.raises(ValueError, match="parts"):
-        lora_triton.add_lora(torch.zeros(2, 24), torch.zeros(2, 16), a, b_t, (12, 10), lo, width, 16)
+        lora_triton.add_lora(torch.zeros(2, 24), torch.zeros(2, 16), a, b_t, (12, 10), order, tiles, 16)
     with pytest.raises(ValueError, match="strides"):
-        lora_triton.add_lora(torch.zeros(2, 24), torch.zeros(16, 2).t(), a, b_t, (12, 12), lo, width, 16)
+        lora_triton.add_lora(torch.zeros(2, 24), torch.zeros(16, 2).t(), a, b_t, (12, 12), order, tiles, 16)
+
+
+def test_tiles_hold_up_to_16_rows_of_one_adapter_each():
+    lo = [0, 8, 0, 0, 16, 8] + [0] * 30 + [24]
+    width = [8, 8, 8, 0, 16, 8] + [8] * 30 + [0]
+    order, tiles = lora_triton.plan_tiles(lo, width, max_tiles=len(lo))
+    used = [g for g in range(len(lo)) if tiles[3][g] > 0]
+    assert used == list(range(len(used)))  # the used slots first, the rest width 0
+    seen = []
+    for g in used:
+        start, count, first, wide = (tiles[f][g] for f in range(4))
+        rows = order[start : start + count]
+        assert 1 <= count <= lora_triton.TILE and all((lo[t], width[t]) == (first, wide) for t in rows)
+        seen += rows
+    assert sorted(seen) == [t for t in range(len(lo)) if width[t] > 0]
+    assert len(used) == 4  # lo 0: 32 rows, 2 full tiles; lo 8: 2 rows; lo 16: 1 row
 
 
 @pytest.mark.parametrize("tokens, parts, in_features, expected", [(1, 3, 4096, 32), (64, 3, 4096, 3),
@@ -106,7 +124,7 @@ def test_grouped_buffers_give_the_same_forward_pass_as_the_cpu_path(tiny_model):
             assert group is not None and group.a.shape[1] == 3
         rows = [adapters[0], None, adapters[1], adapters[0]]
         lora = resident.batch_for(rows, [2, 3, 1, 2])
-        assert isinstance(lora, SlotRows) == triton
+        assert isinstance(lora, SortedTiles) == triton
         logits.append(model(prefill_batch([2, 3, 1, 2], lora, model.config.vocab_size), NoCache()))
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
     assert (logits[1] - model(prefill_batch([2, 3, 1, 2], None, model.config.vocab_size), NoCache())).abs().max() > 0.1

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from server.adapters.weights import AdapterKey, AdapterWeights
 from server.kernels import lora_triton
-from server.kernels.lora_triton import add_lora, rank_block, triton_kernels
+from server.kernels.lora_triton import add_lora, plan_tiles, rank_block, triton_kernels
 from server.kernels.native import LoraKernel, LoraStep, lora_kernel
 from server.model.decoder import CausalLM
 from server.model.layers import LoraTarget
@@ -169,18 +169,18 @@ class TokenColumns(LoraBatch):
 
 
 @dataclass(frozen=True)
-class SlotRows(LoraBatch):
-    """Each token's own columns [lo, lo + width), read in place by two Triton kernels per fused
-    projection (server/kernels/lora_triton.py, CUDA): every part at once, the cost of its own rank
-    per token whatever the step mixes. `lo` and `width` live on the device, so a decode graph
-    captured with one mix replays any other (DecodeGraphs refills them)."""
+class SortedTiles(LoraBatch):
+    """The tokens sorted by adapter into tiles of up to 16 tokens of one adapter, each tile one
+    matrix product each way on the tensor cores, by two Triton kernels per fused projection
+    (server/kernels/lora_triton.py, CUDA): every part at once, each adapter's columns read once
+    per tile. The order and the tiles live on the device, so a decode graph captured with one mix
+    replays any other (DecodeGraphs refills them)."""
 
-    lo: Optional[torch.Tensor] = None  # [tokens] int32 on the device
-    width: Optional[torch.Tensor] = None  # [tokens] int32; 0: the base model
+    columns: Optional[torch.Tensor] = None  # [5, tokens] int32 on the device: the order, then the 4 tile rows
     rank_tile: int = 16  # >= every width, a power of two (the kernels' tile)
 
     def add(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
-        add_lora(y, x, a.unsqueeze(1), b_t, (b_t.shape[1],), self.lo, self.width, self.rank_tile)
+        add_lora(y, x, a.unsqueeze(1), b_t, (b_t.shape[1],), self.columns[0], self.columns[1:], self.rank_tile)
 
     def add_parts(self, y: torch.Tensor, x: torch.Tensor, parts: Sequence[Optional["PackedLora"]],
                   sizes: Sequence[int]) -> None:
@@ -188,7 +188,7 @@ class SlotRows(LoraBatch):
         if group is None:  # buffers made part by part (not by this tier on CUDA)
             super().add_parts(y, x, parts, sizes)
             return
-        add_lora(y, x, group.a, group.b_t, tuple(sizes), self.lo, self.width, self.rank_tile)
+        add_lora(y, x, group.a, group.b_t, tuple(sizes), self.columns[0], self.columns[1:], self.rank_tile)
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ class LoraPlanner:
     def __init__(self, device: torch.device, dtype: torch.dtype, costs: Optional[LoraCosts],
                  kernel: Optional[LoraKernel] = None, triton: bool = False) -> None:
         self.device, self.dtype, self.costs, self.kernel = device, dtype, costs, kernel
-        self.triton = triton  # CUDA: SlotRows for steps of up to SLOT_ROWS_MAX_TOKENS tokens
+        self.triton = triton  # CUDA: SortedTiles for steps of up to SLOT_ROWS_MAX_TOKENS tokens
 
     @classmethod
     def for_device(cls, device: torch.device, dtype: torch.dtype) -> "LoraPlanner":
@@ -266,7 +266,7 @@ class LoraPlanner:
                                         or sum(query_lens) <= KERNEL_SMALL_STEP_TOKENS):
             return self._token_columns(ranges, query_lens)
         if self.triton and sum(query_lens) <= SLOT_ROWS_MAX_TOKENS:
-            return self._slot_rows(ranges, query_lens)
+            return self._sorted_tiles(ranges, query_lens)
         if len(used) == 1 and all(r is not None for r in ranges):
             return OneAdapter(ranges, query_lens, *used[0])
         if self.costs is None:
@@ -298,10 +298,11 @@ class LoraPlanner:
             start += n
         return MaskedWindow(ranges, query_lens, lo, hi, mask.to(self.device))
 
-    def _slot_rows(self, ranges: Ranges, query_lens: tuple[int, ...]) -> SlotRows:
+    def _sorted_tiles(self, ranges: Ranges, query_lens: tuple[int, ...]) -> SortedTiles:
         lo, width = LoraBatch(ranges, query_lens).token_columns()
-        columns = torch.tensor([lo, width], dtype=torch.int32).to(self.device, non_blocking=True)
-        return SlotRows(ranges, query_lens, columns[0], columns[1], rank_block(max(width)))
+        order, tiles = plan_tiles(lo, width, max_tiles=len(lo))
+        columns = torch.tensor([order, *tiles], dtype=torch.int32).to(self.device, non_blocking=True)
+        return SortedTiles(ranges, query_lens, columns, rank_block(max(width)))
 
     def _token_columns(self, ranges: Ranges, query_lens: tuple[int, ...]) -> TokenColumns:
         lo, width = LoraBatch(ranges, query_lens).token_columns()

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from server.adapters.lora import LoraBatch, MaskedWindow, ResidentAdapters, SlotRows
+from server.adapters.lora import LoraBatch, MaskedWindow, ResidentAdapters, SortedTiles
 from server.engine.kv_cache import KVCache
 from server.model.decoder import CausalLM, ForwardBatch
 
@@ -67,7 +67,7 @@ class DecodeGraphs:
         """Part of a graph's key: 0 without LoRA; the Triton kernels' rank tile (1 for the window)."""
         if lora is None:
             return 0
-        return lora.rank_tile if isinstance(lora, SlotRows) else 1
+        return lora.rank_tile if isinstance(lora, SortedTiles) else 1
 
     def _static_lora(self, bucket: int, tile: int) -> tuple[Optional[LoraBatch], Optional[torch.Tensor]]:
         """The LoRA plan a graph captures, over static buffers: rows' columns, or a window's mask."""
@@ -75,8 +75,7 @@ class DecodeGraphs:
         if tile == 0:
             return None, None
         if tile > 1:
-            columns = torch.zeros(2, bucket, dtype=torch.int32, device=device)
-            return SlotRows((), (), columns[0], columns[1], tile), None
+            return SortedTiles((), (), torch.zeros(5, bucket, dtype=torch.int32, device=device), tile), None
         mask = torch.zeros(bucket, self.adapters.capacity, device=device, dtype=self.kv.dtype)
         return MaskedWindow((), (), 0, self.adapters.capacity, mask), mask
 
@@ -130,7 +129,6 @@ class DecodeGraphs:
         if step.lora_mask is not None:
             step.lora_mask.zero_()
             step.lora_mask[:seqs].copy_(lora.dense_mask(step.lora_mask.shape[1], step.lora_mask.dtype))
-        elif isinstance(static.lora, SlotRows):  # padding rows: width 0, no LoRA
-            static.lora.width[seqs:].zero_()
-            static.lora.lo[:seqs].copy_(lora.lo)
-            static.lora.width[:seqs].copy_(lora.width)
+        elif isinstance(static.lora, SortedTiles):  # the tile slots past this step's: width 0, unused
+            static.lora.columns[:, :seqs].copy_(lora.columns)
+            static.lora.columns[:, seqs:].zero_()

@@ -1,59 +1,88 @@
-"""The Triton kernels of server/kernels/lora_triton.py (imported only where Triton is): see there."""
+"""The Triton kernels of server/kernels/lora_triton.py (imported only where Triton is): see there.
+
+A tile is up to TILE tokens of one adapter, taken from `order` (token rows sorted by adapter) at
+[start, start + count), using packed columns [lo, lo + width); width 0: an unused tile slot.
+"""
 
 import triton
 import triton.language as tl
 
 
+@triton.jit
+def _tile(tiles_ptr, g, max_tiles):
+    """(start, count, lo, width) of tile g (tiles: [4, max_tiles] int32)."""
+    start = tl.load(tiles_ptr + g)
+    count = tl.load(tiles_ptr + max_tiles + g)
+    lo = tl.load(tiles_ptr + 2 * max_tiles + g).to(tl.int64)
+    width = tl.load(tiles_ptr + 3 * max_tiles + g)
+    return start, count, lo, width
+
+
 # Sizes that change from step to step are not specialised on (a new value would compile again).
-@triton.jit(do_not_specialize=["tokens", "per_split"])
-def shrink(x_ptr, x_stride, a_ptr, lo_ptr, rank_ptr, out_ptr, tokens, in_features, per_split,
-           PARTS: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr):
-    t, p, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rank = tl.load(rank_ptr + t)
-    if rank > 0:
-        lo = tl.load(lo_ptr + t).to(tl.int64)
+@triton.jit(do_not_specialize=["tokens", "max_tiles", "per_split"])
+def shrink(x_ptr, x_stride, a_ptr, order_ptr, tiles_ptr, out_ptr, tokens, max_tiles, in_features, per_split,
+           PARTS: tl.constexpr, RANK: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
+           PRECISION: tl.constexpr):
+    """out[s, row, p, :] = x[row, split s] @ A[lo : lo + width, p, split s]^T for the tile's rows."""
+    g, p, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start, count, lo, width = _tile(tiles_ptr, g, max_tiles)
+    if width > 0:
+        m = tl.arange(0, TILE)
+        rows = tl.load(order_ptr + start + m, mask=m < count, other=0).to(tl.int64)
         r = tl.arange(0, RANK)
-        rows = a_ptr + ((lo + r[:, None]) * PARTS + p) * in_features  # [RANK, 1] row starts
-        acc = tl.zeros([RANK], dtype=tl.float32)
-        start = s * per_split
+        a_rows = a_ptr + ((lo + r[:, None]) * PARTS + p) * in_features  # [RANK, 1]
+        acc = tl.zeros([TILE, RANK], dtype=tl.float32)
+        first = s * per_split
         for offset in range(0, per_split, BLOCK):
-            k = start + offset + tl.arange(0, BLOCK)
+            k = first + offset + tl.arange(0, BLOCK)
             kmask = k < in_features
-            xv = tl.load(x_ptr + t * x_stride + k, mask=kmask, other=0.0).to(tl.float32)
-            av = tl.load(rows + k[None, :], mask=(r[:, None] < rank) & kmask[None, :], other=0.0)
-            acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
-        tl.store(out_ptr + ((s * tokens + t) * PARTS + p) * RANK + r, acc)
+            xv = tl.load(x_ptr + rows[:, None] * x_stride + k[None, :], mask=(m < count)[:, None] & kmask[None, :],
+                         other=0.0)
+            av = tl.load(a_rows + k[None, :], mask=(r < width)[:, None] & kmask[None, :], other=0.0)
+            acc += tl.dot(xv, tl.trans(av), input_precision=PRECISION)
+        tl.store(out_ptr + ((s * tokens + rows[:, None]) * PARTS + p) * RANK + r[None, :], acc,
+                 mask=(m < count)[:, None])
+
 
 @triton.jit
-def part_row(part_ptr, tokens, t, p, rank, splits, PARTS: tl.constexpr, RANK: tl.constexpr):
-    """x[t] @ A_p^T of token t, the splits summed: [RANK] fp32."""
+def _part_rows(part_ptr, rows, row_mask, tokens, p, width, splits, PARTS: tl.constexpr, RANK: tl.constexpr,
+               TILE: tl.constexpr):
+    """x[rows] @ A_p^T, the splits summed: [TILE, RANK] fp32."""
     r = tl.arange(0, RANK)
-    row = tl.zeros([RANK], dtype=tl.float32)
+    out = tl.zeros([TILE, RANK], dtype=tl.float32)
     for s in range(splits):
-        row += tl.load(part_ptr + ((s * tokens + t) * PARTS + p) * RANK + r, mask=r < rank, other=0.0)
-    return row
+        out += tl.load(part_ptr + ((s * tokens + rows[:, None]) * PARTS + p) * RANK + r[None, :],
+                       mask=row_mask[:, None] & (r < width)[None, :], other=0.0)
+    return out
 
-@triton.jit(do_not_specialize=["tokens", "first_end", "second_end", "splits"])
-def expand(y_ptr, y_stride, b_ptr, lo_ptr, rank_ptr, part_ptr, tokens, out_features, first_end, second_end, splits,
-           PARTS: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr):
-    t, block = tl.program_id(0), tl.program_id(1)
-    rank = tl.load(rank_ptr + t)
-    if rank > 0:
-        lo = tl.load(lo_ptr + t).to(tl.int64)
+
+@triton.jit(do_not_specialize=["tokens", "max_tiles", "first_end", "second_end", "splits"])
+def expand(y_ptr, y_stride, b_ptr, order_ptr, tiles_ptr, part_ptr, tokens, max_tiles, out_features, first_end,
+           second_end, splits, PARTS: tl.constexpr, RANK: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
+           PRECISION: tl.constexpr):
+    """y[row, n] += (x[row] @ A_part(n)^T) @ B^T[lo : lo + width, n] for the tile's rows."""
+    g, block = tl.program_id(0), tl.program_id(1)
+    start, count, lo, width = _tile(tiles_ptr, g, max_tiles)
+    if width > 0:
+        m = tl.arange(0, TILE)
+        row_mask = m < count
+        rows = tl.load(order_ptr + start + m, mask=row_mask, other=0).to(tl.int64)
         n = block * BLOCK + tl.arange(0, BLOCK)
         nmask = n < out_features
         r = tl.arange(0, RANK)
-        # each part's [RANK] row once; column n takes its own part's (registers, no gather)
-        xa = tl.zeros([RANK, BLOCK], dtype=tl.float32) + part_row(part_ptr, tokens, t, 0, rank, splits, PARTS,
-                                                                  RANK)[:, None]
+        bv = tl.load(b_ptr + (lo + r[:, None]) * out_features + n[None, :], mask=(r < width)[:, None] & nmask[None, :],
+                     other=0.0)
+        zero = tl.zeros_like(bv)
+        xa = _part_rows(part_ptr, rows, row_mask, tokens, 0, width, splits, PARTS, RANK, TILE).to(bv.dtype)
+        delta = tl.dot(xa, tl.where((n < first_end)[None, :], bv, zero), input_precision=PRECISION)
         if PARTS > 1:
-            second = part_row(part_ptr, tokens, t, 1, rank, splits, PARTS, RANK)
-            xa = tl.where((n >= first_end)[None, :], second[:, None], xa)
+            xa = _part_rows(part_ptr, rows, row_mask, tokens, 1, width, splits, PARTS, RANK, TILE).to(bv.dtype)
+            inside = (n >= first_end) & (n < second_end)
+            delta += tl.dot(xa, tl.where(inside[None, :], bv, zero), input_precision=PRECISION)
         if PARTS > 2:
-            third = part_row(part_ptr, tokens, t, 2, rank, splits, PARTS, RANK)
-            xa = tl.where((n >= second_end)[None, :], third[:, None], xa)
-        bv = tl.load(b_ptr + (lo + r[:, None]) * out_features + n[None, :],
-                     mask=(r[:, None] < rank) & nmask[None, :], other=0.0)
-        delta = tl.sum(xa * bv.to(tl.float32), axis=0)
-        y = tl.load(y_ptr + t * y_stride + n, mask=nmask, other=0.0)
-        tl.store(y_ptr + t * y_stride + n, (y.to(tl.float32) + delta).to(y.dtype), mask=nmask)
+            xa = _part_rows(part_ptr, rows, row_mask, tokens, 2, width, splits, PARTS, RANK, TILE).to(bv.dtype)
+            delta += tl.dot(xa, tl.where((n >= second_end)[None, :], bv, zero), input_precision=PRECISION)
+        mask = row_mask[:, None] & nmask[None, :]
+        targets = y_ptr + rows[:, None] * y_stride + n[None, :]
+        y = tl.load(targets, mask=mask, other=0.0)
+        tl.store(targets, (y.to(tl.float32) + delta).to(y.dtype), mask=mask)
