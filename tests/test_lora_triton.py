@@ -95,8 +95,8 @@ def test_tiles_hold_up_to_16_rows_of_one_adapter_each():
     assert len(used) == 4  # lo 0: 32 rows, 2 full tiles; lo 8: 2 rows; lo 16: 1 row
 
 
-@pytest.mark.parametrize("tokens, parts, in_features, expected", [(1, 3, 4096, 32), (64, 3, 4096, 3),
-                                                                  (256, 1, 4096, 2), (4, 1, 64, 1)])
+@pytest.mark.parametrize("tokens, parts, in_features, expected", [(1, 3, 4096, 32), (64, 3, 4096, 11),
+                                                                  (256, 1, 4096, 8), (4, 1, 64, 1)])
 def test_the_input_is_split_to_fill_the_gpu(tokens, parts, in_features, expected):
     assert lora_triton.splits_for(tokens, parts, in_features) == expected
 

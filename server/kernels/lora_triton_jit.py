@@ -19,11 +19,12 @@ def _tile(tiles_ptr, g, max_tiles):
 
 
 # Sizes that change from step to step are not specialised on (a new value would compile again).
-@triton.jit(do_not_specialize=["tokens", "max_tiles", "per_split"])
-def shrink(x_ptr, x_stride, a_ptr, order_ptr, tiles_ptr, out_ptr, tokens, max_tiles, in_features, per_split,
+@triton.jit(do_not_specialize=["max_tiles", "per_split"])
+def shrink(x_ptr, x_stride, a_ptr, order_ptr, tiles_ptr, out_ptr, max_tiles, in_features, per_split,
            PARTS: tl.constexpr, RANK: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
            PRECISION: tl.constexpr):
-    """out[s, row, p, :] = x[row, split s] @ A[lo : lo + width, p, split s]^T for the tile's rows."""
+    """out[row, p, :] += x[row, split s] @ A[lo : lo + width, p, split s]^T for the tile's rows (the
+    splits add up in `out`, zeroed before)."""
     g, p, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start, count, lo, width = _tile(tiles_ptr, g, max_tiles)
     if width > 0:
@@ -40,25 +41,20 @@ def shrink(x_ptr, x_stride, a_ptr, order_ptr, tiles_ptr, out_ptr, tokens, max_ti
                          other=0.0)
             av = tl.load(a_rows + k[None, :], mask=(r < width)[:, None] & kmask[None, :], other=0.0)
             acc += tl.dot(xv, tl.trans(av), input_precision=PRECISION)
-        tl.store(out_ptr + ((s * tokens + rows[:, None]) * PARTS + p) * RANK + r[None, :], acc,
-                 mask=(m < count)[:, None])
+        tl.atomic_add(out_ptr + (rows[:, None] * PARTS + p) * RANK + r[None, :], acc, mask=(m < count)[:, None])
 
 
 @triton.jit
-def _part_rows(part_ptr, rows, row_mask, tokens, p, width, splits, PARTS: tl.constexpr, RANK: tl.constexpr,
-               TILE: tl.constexpr):
-    """x[rows] @ A_p^T, the splits summed: [TILE, RANK] fp32."""
+def _part_rows(part_ptr, rows, row_mask, p, width, PARTS: tl.constexpr, RANK: tl.constexpr):
+    """x[rows] @ A_p^T: [TILE, RANK] fp32."""
     r = tl.arange(0, RANK)
-    out = tl.zeros([TILE, RANK], dtype=tl.float32)
-    for s in range(splits):
-        out += tl.load(part_ptr + ((s * tokens + rows[:, None]) * PARTS + p) * RANK + r[None, :],
-                       mask=row_mask[:, None] & (r < width)[None, :], other=0.0)
-    return out
+    return tl.load(part_ptr + (rows[:, None] * PARTS + p) * RANK + r[None, :],
+                   mask=row_mask[:, None] & (r < width)[None, :], other=0.0)
 
 
-@triton.jit(do_not_specialize=["tokens", "max_tiles", "first_end", "second_end", "splits"])
-def expand(y_ptr, y_stride, b_ptr, order_ptr, tiles_ptr, part_ptr, tokens, max_tiles, out_features, first_end,
-           second_end, splits, PARTS: tl.constexpr, RANK: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
+@triton.jit(do_not_specialize=["max_tiles", "first_end", "second_end"])
+def expand(y_ptr, y_stride, b_ptr, order_ptr, tiles_ptr, part_ptr, max_tiles, out_features, first_end,
+           second_end, PARTS: tl.constexpr, RANK: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
            PRECISION: tl.constexpr):
     """y[row, n] += (x[row] @ A_part(n)^T) @ B^T[lo : lo + width, n] for the tile's rows."""
     g, block = tl.program_id(0), tl.program_id(1)
@@ -73,14 +69,14 @@ def expand(y_ptr, y_stride, b_ptr, order_ptr, tiles_ptr, part_ptr, tokens, max_t
         bv = tl.load(b_ptr + (lo + r[:, None]) * out_features + n[None, :], mask=(r < width)[:, None] & nmask[None, :],
                      other=0.0)
         zero = tl.zeros_like(bv)
-        xa = _part_rows(part_ptr, rows, row_mask, tokens, 0, width, splits, PARTS, RANK, TILE).to(bv.dtype)
+        xa = _part_rows(part_ptr, rows, row_mask, 0, width, PARTS, RANK).to(bv.dtype)
         delta = tl.dot(xa, tl.where((n < first_end)[None, :], bv, zero), input_precision=PRECISION)
         if PARTS > 1:
-            xa = _part_rows(part_ptr, rows, row_mask, tokens, 1, width, splits, PARTS, RANK, TILE).to(bv.dtype)
+            xa = _part_rows(part_ptr, rows, row_mask, 1, width, PARTS, RANK).to(bv.dtype)
             inside = (n >= first_end) & (n < second_end)
             delta += tl.dot(xa, tl.where(inside[None, :], bv, zero), input_precision=PRECISION)
         if PARTS > 2:
-            xa = _part_rows(part_ptr, rows, row_mask, tokens, 2, width, splits, PARTS, RANK, TILE).to(bv.dtype)
+            xa = _part_rows(part_ptr, rows, row_mask, 2, width, PARTS, RANK).to(bv.dtype)
             delta += tl.dot(xa, tl.where((n >= second_end)[None, :], bv, zero), input_precision=PRECISION)
         mask = row_mask[:, None] & nmask[None, :]
         targets = y_ptr + rows[:, None] * y_stride + n[None, :]
