@@ -263,7 +263,7 @@ def test_the_first_load_makes_the_pool_so_the_first_activation_only_installs_it(
     model = own_model(loaded)
     tier = ResidentAdapters(model, 0, 64 * 2**20, preallocate=True)
     tier.make_pool()
-    made = {key: a.data_ptr() for key, (a, _) in tier._made.items()}
+    made = {key: packed.a.data_ptr() for key, packed in tier._made.items()}
     assert tier.capacity == 0 and all(m.lora is None for m in tier.projections.values())
     adapter = read_adapter(KEY, adapter_root / SPECS[0].name / "1", loaded.model.config)
     assert tier.activate(adapter, set())
@@ -286,4 +286,4 @@ def test_the_builder_has_the_first_load_make_the_pool(adapter_root, make_engine)
     engine.store.get(engine.store.key_for(f"{SPECS[0].name}/1", None)).result()
     made = tier._made
     assert made is not None and made.keys() == tier.projections.keys()
-    assert next(iter(made.values()))[0].shape[0] == tier._budget_columns()
+    assert next(iter(made.values())).a.shape[0] == tier._budget_columns()
