@@ -89,6 +89,10 @@ def build_model(cfg: BenchConfig) -> CausalLM:
             model = CausalLM(arch)  # random init, made on the device itself
     finally:
         torch.set_default_dtype(default)
+    with torch.no_grad():  # (the projections are made uninitialised: on a GPU, zeros, so every logit was 0)
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 0.02)
     if arch.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.init_rotaries(torch.device(cfg.device))
@@ -223,6 +227,8 @@ def verify_graphs(runners: dict[bool, ModelRunner], model: CausalLM, adapters: l
             reference = eager.run(plan).float()
             planner.triton = True
         expected = eager.run(plan).float()
+        if float(expected.std()) == 0.0:
+            raise RuntimeError("constant logits: the comparison below could not fail (weights not initialised?)")
         if planner.triton:
             torch_worst = max(torch_worst, float((expected - reference).norm() / reference.norm()))
         got = graphed.run(plan).float()
