@@ -28,7 +28,6 @@ class LoraTarget(nn.Module):
         self.lora: Any = None
 
 
-
 INT8_MAX_ROWS = 4  # int8 matmuls beat float ones up to this many rows on CPU (bench/step_time.py)
 
 
