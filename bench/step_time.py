@@ -34,13 +34,11 @@ def random_adapters(model, count: int, rank: int, dtype) -> list:
 
 
 def measure(batches: list[int], dtype: str, new_tokens: int, threads: int, quantize: str,
-            kv_cache: str, adapters: int = 0) -> dict[int, float]:
+            kv_cache: str, adapters: int = 0, profile: int = 0) -> dict[int, float]:
     import torch
 
     from server.config import Limits, ModelConfig, Settings
     from server.engine.builder import build_engine
-    from server.engine.detokenizer import IncrementalDetokenizer
-    from server.engine.request import Request, SamplingParams, StopCriteria
     from server.model.loader import load_model
 
     torch.set_num_threads(threads)
@@ -51,22 +49,49 @@ def measure(batches: list[int], dtype: str, new_tokens: int, threads: int, quant
     mix = random_adapters(loaded.model, adapters, 8, loaded.dtype)
     results = {}
     for batch in batches:
-        requests = []
-        for i in range(batch):
-            prompt = loaded.tokenizer(f"Story number {i}: once upon a time")["input_ids"]
-            request = Request(prompt_ids=prompt, params=SamplingParams(), sink=lambda event: None,
-                              stop=StopCriteria(max_new_tokens=new_tokens, ignore_eos=True),
-                              adapter=mix[i % len(mix)] if mix else None,
-                              detokenizer=IncrementalDetokenizer(loaded.tokenizer, prompt, loaded.special_token_ids))
+        requests = new_requests(loaded, mix, batch, new_tokens)
+        for request in requests:
             engine.scheduler.add(request)
-            requests.append(request)
         while any(r.num_generated == 0 for r in requests):  # prefills are not what this measures
             engine.step()
         started, steps = time.perf_counter(), 0
         while engine.step():
             steps += 1
         results[batch] = (time.perf_counter() - started) / steps * 1000
+        if profile:
+            print_profile(engine, new_requests(loaded, mix, batch, new_tokens), batch, profile)
     return results
+
+
+def new_requests(loaded, mix: list, batch: int, new_tokens: int) -> list:
+    from server.engine.detokenizer import IncrementalDetokenizer
+    from server.engine.request import Request, SamplingParams, StopCriteria
+
+    requests = []
+    for i in range(batch):
+        prompt = loaded.tokenizer(f"Story number {i}: once upon a time")["input_ids"]
+        requests.append(Request(prompt_ids=prompt, params=SamplingParams(), sink=lambda event: None,
+                                stop=StopCriteria(max_new_tokens=new_tokens, ignore_eos=True),
+                                adapter=mix[i % len(mix)] if mix else None,
+                                detokenizer=IncrementalDetokenizer(loaded.tokenizer, prompt,
+                                                                   loaded.special_token_ids)))
+    return requests
+
+
+def print_profile(engine, requests: list, batch: int, rows: int) -> None:
+    """Run the batch again under torch's profiler and print the `rows` ops costing the most self time."""
+    import torch
+
+    for request in requests:
+        engine.scheduler.add(request)
+    while any(r.num_generated == 0 for r in requests):
+        engine.step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        steps = 0
+        while engine.step():
+            steps += 1
+    print(f"# batch {batch}: {steps} steps profiled; per step = total / {steps}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def main() -> None:
@@ -80,10 +105,13 @@ def main() -> None:
     parser.add_argument("--quantize", default="none", choices=("none", "int8"))
     parser.add_argument("--kv-cache", default="auto", choices=("auto", "paged", "dense"))
     parser.add_argument("--adapters", type=int, default=0, help="spread the rows over this many random adapters")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="also profile each batch's decode steps and print the ROWS costliest ops")
     args = parser.parse_args()
     sys.path.insert(0, str(args.root))
     ms = measure(args.batches, args.dtype, args.new_tokens, args.threads, args.quantize, args.kv_cache,
-                 **({"adapters": args.adapters} if args.adapters else {}))
+                 **({"adapters": args.adapters} if args.adapters else {}),
+                 **({"profile": args.profile} if args.profile else {}))
     print(json.dumps({"root": str(args.root), "dtype": args.dtype, "quantize": args.quantize, "threads": args.threads,
                       "kv_cache": args.kv_cache, "adapters": args.adapters,
                       "step_ms": {b: round(v, 2) for b, v in ms.items()}}))

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from server.engine.request import Alternative, Request, SamplingParams
+from server.kernels.native import greedy_kernel
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,11 @@ def top_alternatives(log_probs: torch.Tensor, k: int) -> tuple[Alternative, ...]
 
 
 def greedy_batch(logits: torch.Tensor) -> list[SampledToken]:
-    """logits: [rows, vocab]. Batched argmax for plain greedy rows."""
+    """logits: [rows, vocab]. Batched argmax for plain greedy rows (greedy_cpu.c on CPU)."""
+    kernel = greedy_kernel() if logits.is_cpu and logits.dtype == torch.float32 and logits.stride(-1) == 1 else None
+    picked = kernel(logits) if kernel is not None else None  # (None: a NaN, which the ops below carry)
+    if picked is not None:
+        return [SampledToken(t, lp) for t, lp in zip(*picked)]
     best, tokens = logits.max(-1)  # [rows] each
     # The argmax's log-probability is -log(sum(exp(x - max))). Differences are clamped at -80, where
     # exp is ~1e-35, below any sum's rounding: so no exp is denormal, which x86 computes slowly (32

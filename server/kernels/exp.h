@@ -10,7 +10,9 @@
  * computes a denormal: those are ~100x slower on x86. */
 static inline float exp_nonpositive(float x) {
     float clamped = x >= -80.0f ? x : -80.0f;  /* (a NaN fails the test: clamped, and returned as is below) */
-    float n = __builtin_roundf(clamped * 1.44269504088896341f);
+    /* n = round(clamped / ln2) by the 1.5 * 2^23 trick: vectorizes (roundf's half-away-from-zero has
+     * no AVX-512 instruction, so a loop calling it stays scalar: ~3.4 ns an exp instead of ~0.2) */
+    float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.166666672f + r * (0.0416664891f + r * (0.00833336823f
                    + r * 0.00139304355f)))));

@@ -1,8 +1,8 @@
-"""The C kernels (lora_cpu.c, attention_cpu.c): compiled once per machine and CPU with the system
-C compiler (`cc -O3 -march=native`) into loraserve's home, loaded with ctypes, and checked against
-torch before first use. Without a compiler, or if a build or a check fails, `lora_kernel()` or
-`attention_kernel()` is None and callers keep their torch path (the server logs why once).
-LORASERVE_NATIVE_KERNELS=0 turns them off.
+"""The C kernels (lora_cpu.c, attention_cpu.c, linear_cpu.c): compiled once per machine and CPU with
+the system C compiler (`cc -O3 -march=native`) into loraserve's home, loaded with ctypes, and checked
+against torch before first use. Without a compiler, or if a build or a check fails, `lora_kernel()`,
+`attention_kernel()` or `linear_kernel()` is None and callers keep their torch path (the server logs
+why once). LORASERVE_NATIVE_KERNELS=0 turns them off.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -47,23 +48,26 @@ def _cpu_fingerprint() -> str:
     return f"{platform.machine()} {flags}"
 
 
-def _build(compiler: list[str], source: Path) -> Path:
+def _build(compiler: list[str], source: Path, extra: tuple[str, ...] = ()) -> Path:
     code = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(HERE.glob("*.h")))  # (the headers)
-    key = hashlib.sha256(code + " ".join((*compiler, *FLAGS, _cpu_fingerprint())).encode()).hexdigest()[:16]
+    flags = (*FLAGS, *extra)
+    key = hashlib.sha256(code + " ".join((*compiler, *flags, _cpu_fingerprint())).encode()).hexdigest()[:16]
     target = loraserve_home() / "kernels" / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: atomic
         built = Path(tmp) / target.name
-        subprocess.run([*compiler, *FLAGS, str(source), "-o", str(built), "-lm"], check=True, capture_output=True,
+        subprocess.run([*compiler, *flags, str(source), "-o", str(built), "-lm"], check=True, capture_output=True,
                        timeout=120)
         os.replace(built, target)
     return target
 
 
-def _library(source: str, what: str) -> Optional[ctypes.CDLL]:
-    """The built library of HERE/source, or None with the reason logged (`what` it would have sped up)."""
+def _library(source: str, what: str, openmp: bool = False) -> Optional[ctypes.CDLL]:
+    """The built library of HERE/source, or None with the reason logged (`what` it would have sped up).
+    `openmp`: built with -fopenmp where the compiler can (its libgomp.so.1 is then torch's, already
+    loaded: one thread team, the engine's count), else without (one thread)."""
     if os.environ.get("LORASERVE_NATIVE_KERNELS", "1") == "0":
         return None
     compiler = shlex.split(os.environ.get("CC", "")) or [c for c in (shutil.which("cc") or shutil.which("gcc"),) if c]
@@ -71,6 +75,11 @@ def _library(source: str, what: str) -> Optional[ctypes.CDLL]:
         log.warning("no C compiler (cc): %s use torch ops", what)
         return None
     try:
+        if openmp:
+            try:
+                return ctypes.CDLL(str(_build(compiler, HERE / source, ("-fopenmp",))))
+            except BuildError as exc:
+                log.warning("could not build %s with OpenMP (%s): it runs on one thread", source, exc)
         return ctypes.CDLL(str(_build(compiler, HERE / source)))
     except BuildError as exc:
         detail = getattr(exc, "stderr", b"") or b""
@@ -168,10 +177,11 @@ def _agrees(kernel: LoraKernel) -> bool:
     return True
 
 
-def _checked(source: str, what: str, bind: Callable[[ctypes.CDLL], Callable], agrees: Callable[[Callable], bool]):
+def _checked(source: str, what: str, bind: Callable[[ctypes.CDLL], Callable], agrees: Callable[[Callable], bool],
+             openmp: bool = False):
     """The kernel `bind` makes from HERE/source's library if it passes `agrees`, else None (and why,
     logged once): `what` keeps its torch ops."""
-    library = _library(source, what)
+    library = _library(source, what, openmp)
     if library is None:
         return None
     try:
@@ -256,3 +266,208 @@ def attention_kernel() -> Optional[AttentionKernel]:
     return _checked("attention_cpu.c", "CPU decode attention steps (gathered copies and SDPA)", _attention,
                     _attention_agrees)
 
+
+
+GROUP = 64  # linear_cpu.c: outputs per weight block
+
+
+@dataclass(frozen=True)
+class BlockedWeight:
+    """A bf16 weight [out, in] in linear_cpu.c's layout, and its bias as padded fp32."""
+
+    blocks: torch.Tensor  # [groups, in_pairs, 64, 2] bf16
+    bias: Optional[torch.Tensor]  # [groups * 64] float32, or None
+    in_features: int
+    out_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel() * 2 + (0 if self.bias is None else self.bias.numel() * 4)
+
+
+class LinearKernel:
+    """linear_cpu.c: bf16 projections on CPUs with AVX512-BF16, from weights blocked once at load."""
+
+    def __init__(self, function: Callable[..., int]) -> None:
+        self.function = function
+
+    @staticmethod
+    def block(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> BlockedWeight:
+        out, in_ = weight.shape
+        groups, pairs = -(-out // GROUP), -(-in_ // 2)
+        padded = torch.zeros(groups * GROUP, pairs * 2, dtype=torch.bfloat16)
+        padded[:out, :in_] = weight.detach()
+        blocks = padded.view(groups, GROUP, pairs, 2).permute(0, 2, 1, 3).contiguous()
+        padded_bias = None
+        if bias is not None:
+            padded_bias = torch.zeros(groups * GROUP, dtype=torch.float32)
+            padded_bias[:out] = bias.detach().float()
+        return BlockedWeight(blocks, padded_bias, in_, out)
+
+    def __call__(self, x: torch.Tensor, weight: BlockedWeight) -> torch.Tensor:
+        """x [rows, in] bf16 on CPU -> [rows, out] bf16."""
+        if not (x.is_cpu and x.dim() == 2 and x.dtype == torch.bfloat16 and x.shape[1] == weight.in_features):
+            raise ValueError("linear_bf16: x must be a [rows, in] bf16 CPU tensor")
+        if x.stride(1) != 1 or x.stride(0) < x.shape[1]:
+            x = x.contiguous()
+        y = torch.empty(x.shape[0], weight.out_features, dtype=torch.bfloat16)
+        bias = 0 if weight.bias is None else weight.bias.data_ptr()
+        rc = self.function(x.shape[0], x.shape[1], weight.out_features, x.data_ptr(), x.stride(0),
+                           weight.blocks.data_ptr(), bias, y.data_ptr(), y.stride(0))
+        if rc != 0:
+            raise ValueError("linear_bf16: " + ("bad sizes" if rc == -1 else "not built for this CPU"))
+        return y
+
+
+def _bind_linear(library: ctypes.CDLL) -> LinearKernel:
+    fn = library.linear_bf16
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = (i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64)
+    fn.restype = ctypes.c_int
+    return LinearKernel(fn)
+
+
+def _linear_agrees(kernel: LinearKernel) -> bool:
+    """The kernel against float64 matmuls: rows 1-9 (whole tiles and a ragged one), an output count
+    that is no multiple of 64, an odd input count, a bias, rows apart."""
+    generator = torch.Generator().manual_seed(0)
+    for out, in_, bias in ((70, 41, True), (128, 64, False)):
+        weight = torch.randn(out, in_, generator=generator).to(torch.bfloat16)
+        b = torch.randn(out, generator=generator).to(torch.bfloat16) if bias else None
+        blocked = kernel.block(weight, b)
+        for rows in (1, 3, 4, 9):
+            x = torch.randn(rows, in_ + 5, generator=generator).to(torch.bfloat16)[:, :in_]
+            want = x.double() @ weight.double().T + (0 if b is None else b.double())
+            got = kernel(x, blocked).double()
+            if not torch.allclose(got, want, atol=0.05, rtol=1e-2):
+                return False
+    return True
+
+
+@functools.cache
+def linear_kernel() -> Optional[LinearKernel]:
+    """The bf16 projection kernel, or None where it can't be had (no AVX512-BF16: oneDNN's packed weights)."""
+    try:
+        if not torch.cpu._is_avx512_bf16_supported():
+            return None
+    except AttributeError:  # (a private probe)
+        return None
+    return _checked("linear_cpu.c", "bf16 CPU projections (oneDNN's packed weights)", _bind_linear, _linear_agrees,
+                    openmp=True)
+
+
+class NormKernels:
+    """norm_cpu.c on bf16 CPU rows: the residual add with RMSNorm, and SiLU(gate) * up."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self._add_norm, self._silu_mul = library.add_rms_norm_bf16, library.silu_mul_bf16
+        self._add_norm.argtypes = (i64, i64, ptr, i64, ptr, i64, ptr, ctypes.c_float, ptr, i64)
+        self._silu_mul.argtypes = (i64, i64, ptr, i64, ptr, i64)
+        self._add_norm.restype = self._silu_mul.restype = ctypes.c_int
+
+    @staticmethod
+    def takes(x: torch.Tensor) -> bool:
+        """Whether x is rows of bf16 values these kernels read: 2-D, on CPU, each row contiguous."""
+        return x.is_cpu and x.dtype == torch.bfloat16 and x.dim() == 2 and x.stride(1) == 1 and x.shape[1] > 0
+
+    def add_rms_norm(self, x: torch.Tensor, delta: Optional[torch.Tensor], weight: torch.Tensor,
+                     eps: float) -> torch.Tensor:
+        """x += delta in place (when given); returns rms_norm(x) * weight, a new [rows, dim] tensor."""
+        rows, dim = x.shape
+        if not (self.takes(x) and weight.is_cpu and weight.dtype == torch.bfloat16 and weight.is_contiguous()
+                and weight.shape == (dim,) and (delta is None or (self.takes(delta) and delta.shape == x.shape))):
+            raise ValueError("add_rms_norm: bf16 CPU rows of one width, and a bf16 weight of that width")
+        out = torch.empty(rows, dim, dtype=torch.bfloat16)
+        rc = self._add_norm(rows, dim, x.data_ptr(), x.stride(0), 0 if delta is None else delta.data_ptr(),
+                            dim if delta is None else delta.stride(0), weight.data_ptr(), eps, out.data_ptr(), dim)
+        if rc != 0:
+            raise ValueError("add_rms_norm: bad sizes")
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [rows, 2 * dim] (gate, then up) -> silu(gate) * up [rows, dim]."""
+        if not (self.takes(gate_up) and gate_up.shape[1] % 2 == 0):
+            raise ValueError("silu_mul: bf16 CPU rows of an even width")
+        rows, dim = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty(rows, dim, dtype=torch.bfloat16)
+        if self._silu_mul(rows, dim, gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), dim) != 0:
+            raise ValueError("silu_mul: bad sizes")
+        return out
+
+
+def _norms_agree(kernels: NormKernels) -> bool:
+    """Against torch's ops on rows apart, with and without the residual add; all but a few of the
+    values (a sum taken in another order can move a rounding) bit for bit."""
+    generator = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 70, generator=generator) * 3).to(torch.bfloat16)[:, :64]
+    delta = torch.randn(5, 64, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(64, generator=generator).to(torch.bfloat16)
+    for d in (None, delta):
+        want_x = x if d is None else x + d
+        want = torch.nn.functional.rms_norm(want_x, (64,), weight, 1e-5)
+        got_x = x.clone()
+        got = kernels.add_rms_norm(got_x, d, weight, 1e-5)
+        if not torch.equal(got_x, want_x) or (got != want).float().mean() > 0.02:
+            return False
+        if not torch.allclose(got.float(), want.float(), atol=0.05, rtol=0.02):
+            return False
+    gate_up = (torch.randn(5, 200, generator=generator) * 4).to(torch.bfloat16)[:, :128]
+    want = torch.nn.functional.silu(gate_up[:, :64]) * gate_up[:, 64:]
+    got = kernels.silu_mul(gate_up)
+    close = torch.allclose(got.float(), want.float(), atol=0.02, rtol=0.02)
+    return bool(close and (got != want).float().mean() <= 0.02)
+
+
+@functools.cache
+def norm_kernels() -> Optional[NormKernels]:
+    """The residual-add + RMSNorm and SiLU-mul kernels for bf16 CPU rows, or None where they can't be had."""
+    return _checked("norm_cpu.c", "bf16 CPU norms and activations", NormKernels, _norms_agree)
+
+
+class GreedyKernel:
+    """greedy_cpu.c: each fp32 logits row's argmax and its log-probability in two vectorized passes."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self._greedy = library.greedy_rows
+        self._greedy.argtypes = (i64, i64, ptr, i64, ptr, ptr)
+        self._greedy.restype = ctypes.c_int
+
+    def __call__(self, logits: torch.Tensor) -> Optional[tuple[list[int], list[float]]]:
+        """logits [rows, vocab] float32 on CPU -> (tokens, logprobs), or None for a row with a NaN
+        (the caller's torch ops decide what that means)."""
+        if not (logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2 and logits.stride(1) == 1
+                and logits.shape[1] > 0):
+            raise ValueError("greedy_rows: float32 [rows, vocab] CPU logits, each row contiguous")
+        rows = logits.shape[0]
+        tokens, logprobs = torch.empty(rows, dtype=torch.int64), torch.empty(rows, dtype=torch.float32)
+        rc = self._greedy(rows, logits.shape[1], logits.data_ptr(), logits.stride(0), tokens.data_ptr(),
+                          logprobs.data_ptr())
+        if rc == -1:
+            return None
+        if rc != 0:
+            raise ValueError("greedy_rows: not built for this CPU")
+        return tokens.tolist(), logprobs.tolist()
+
+
+def _greedy_agrees(kernel: GreedyKernel) -> bool:
+    """Against the torch ops it replaces (sampler.greedy_batch's): ragged widths, ties, -inf."""
+    generator = torch.Generator().manual_seed(0)
+    for vocab in (1, 37, 4096):
+        logits = torch.randn(6, vocab + 3, generator=generator)[:, :vocab] * 8
+        logits[1] = logits[1].round()  # ties: the first of them
+        logits[2, : vocab // 2] = float("-inf")
+        got = kernel(logits)
+        best, tokens = logits.max(-1)
+        logprobs = (logits - best[:, None]).clamp(min=-80.0).exp().sum(-1).log().neg()
+        if got is None or got[0] != tokens.tolist() or not torch.allclose(torch.tensor(got[1]), logprobs,
+                                                                           atol=1e-5, rtol=1e-5):
+            return False
+    return kernel(torch.tensor([[0.0, float("nan")]])) is None
+
+
+@functools.cache
+def greedy_kernel() -> Optional[GreedyKernel]:
+    """The batched greedy sampling kernel, or None where it can't be had."""
+    return _checked("greedy_cpu.c", "CPU greedy sampling", GreedyKernel, _greedy_agrees)

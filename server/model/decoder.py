@@ -20,10 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.kernels.native import norm_kernels
 from server.model.arch import ArchConfig
 from server.model.attention import Attention, KVStore, StepTensors, Window, decode_masks, prefill_masks
 from server.model.checkpoint import load_weights
-from server.model.layers import LoraTarget, Projection, make_norm
+from server.model.layers import LoraTarget, Projection, RMSNorm, make_norm
 from server.model.rope import LongRope, Rotary, build_rotaries
 
 _ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -78,8 +79,34 @@ class MLP(nn.Module):
         return {**self.gate_up_proj.targets, **self.down_proj.targets}
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, batch).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x, batch)
+        kernels = norm_kernels() if self.act is F.silu and gate_up.is_cpu and gate_up.dtype == torch.bfloat16 else None
+        if kernels is not None and kernels.takes(gate_up):  # silu(gate) * up in one pass
+            return self.down_proj(kernels.silu_mul(gate_up), batch)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(self.act(gate) * up, batch)
+
+
+class Residual:
+    """The residual stream through the layers. A block's output is held until the next norm reads
+    the stream, so the add and the norm are one pass (norm_cpu.c on bf16 CPU rows)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x, self.pending = x, None
+
+    def add(self, delta: torch.Tensor) -> None:
+        if self.pending is not None:
+            self.x = self.x + self.pending
+        self.pending = delta
+
+    def normed(self, norm: RMSNorm) -> torch.Tensor:
+        """norm(x + the pending output), the sum kept as the stream."""
+        self.x, out = norm.add_norm(self.x, self.pending)
+        self.pending = None
+        return out
+
+    def value(self) -> torch.Tensor:
+        return self.x if self.pending is None else self.x + self.pending
 
 
 class DecoderLayer(nn.Module):
@@ -92,9 +119,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, step: StepTensors) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), step)
-        return x + self.mlp(self.post_attention_layernorm(x), step.batch)
+    def forward(self, stream: Residual, step: StepTensors) -> None:
+        stream.add(self.self_attn(stream.normed(self.input_layernorm), step))
+        stream.add(self.mlp(stream.normed(self.post_attention_layernorm), step.batch))
 
 
 class SandwichDecoderLayer(DecoderLayer):
@@ -106,9 +133,10 @@ class SandwichDecoderLayer(DecoderLayer):
         self.pre_feedforward_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps)
         self.post_feedforward_layernorm = make_norm(cfg.norm, cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, step: StepTensors) -> torch.Tensor:
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), step))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), step.batch))
+    def forward(self, stream: Residual, step: StepTensors) -> None:
+        stream.add(self.post_attention_layernorm(self.self_attn(stream.normed(self.input_layernorm), step)))
+        stream.add(self.post_feedforward_layernorm(self.mlp(stream.normed(self.pre_feedforward_layernorm),
+                                                            step.batch)))
 
 
 class Backbone(nn.Module):
@@ -161,8 +189,10 @@ class CausalLM(nn.Module):
     def forward(self, batch: ForwardBatch, kv: KVStore) -> torch.Tensor:
         h = self.model.embed(batch.input_ids)  # [tokens, hidden]
         step = self.step_tensors(batch, kv, h.dtype)
+        stream = Residual(h)
         for layer in self.model.layers:
-            h = layer(h, step)
+            layer(stream, step)
+        h = stream.value()
         if batch.logit_rows is not None:
             h = h[batch.logit_rows]
         elif not batch.is_decode:  # a decode step's rows are already each sequence's last token

@@ -1,0 +1,186 @@
+"""The C kernels of a bf16 CPU step besides LoRA and attention (tests/test_lora_op.py,
+tests/test_paged_kv.py): linear_cpu.c's projections against float64 matmuls and torch's own bf16
+F.linear, on the shapes it tiles awkwardly; norm_cpu.c's residual add + RMSNorm and SiLU-mul, and
+greedy_cpu.c's argmax and log-probability, against the torch ops they replace; their refusals."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from server.engine import sampler
+from server.kernels.native import GROUP, greedy_kernel, linear_kernel, norm_kernels
+
+
+def cpu_has_avx512_bf16() -> bool:
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        return False
+
+
+def test_the_kernel_is_there_where_it_can_be():
+    can = cpu_has_avx512_bf16() and (shutil.which("cc") or shutil.which("gcc")) is not None
+    assert (linear_kernel() is not None) == can
+
+
+needs_kernel = pytest.mark.skipif(linear_kernel() is None, reason="no AVX512-BF16 or no C compiler here")
+
+
+@needs_kernel
+@pytest.mark.parametrize("out, in_, bias", [(960, 576, False), (70, 41, True), (64, 2, False), (1, 7, True),
+                                            (130, 1536, True)])
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 9, 33])
+def test_as_exact_as_torch_against_float64(out, in_, bias, rows):
+    """Each output is one fp32 sum rounded once to bf16: as close to the float64 product as torch's
+    F.linear is, whatever the tiling (ragged row tiles, a last group of outputs padded, an odd input)."""
+    generator = torch.Generator().manual_seed(out * 1000 + in_ + rows)
+    weight = (torch.randn(out, in_, generator=generator) * 0.05).to(torch.bfloat16)
+    b = torch.randn(out, generator=generator).to(torch.bfloat16) if bias else None
+    x = torch.randn(rows, in_ + 3, generator=generator).to(torch.bfloat16)[:, :in_]  # rows apart, as q/k/v slices are
+    kernel = linear_kernel()
+    got = kernel(x, kernel.block(weight, b))
+    assert got.shape == (rows, out) and got.dtype == torch.bfloat16
+    if rows == 0:
+        return
+    exact = x.double() @ weight.double().T + (0 if b is None else b.double())
+    theirs = F.linear(x, weight, b).double()
+    ulp = exact.abs().clamp(min=1e-3) * 2**-8  # one bf16 rounding of the result
+    assert ((got.double() - exact).abs() <= ulp + 1e-4).all()
+    assert (got.double() - exact).norm() <= (theirs - exact).norm() * 1.05 + 1e-6
+
+
+@needs_kernel
+def test_same_bits_on_one_thread_or_two():
+    """A tile of outputs is summed by one thread in one order: the team's size changes no bit."""
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(3072, 576, generator=generator).to(torch.bfloat16)
+    x = torch.randn(13, 576, generator=generator).to(torch.bfloat16)
+    kernel, before = linear_kernel(), torch.get_num_threads()
+    blocked = kernel.block(weight, None)
+    try:
+        torch.set_num_threads(1)
+        one = kernel(x, blocked)
+        torch.set_num_threads(2)
+        two = kernel(x, blocked)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+@needs_kernel
+def test_the_blocked_layout():
+    """Groups of 64 outputs, two inputs side by side: blocks[g, k, o, j] = weight[64 g + o, 2 k + j]."""
+    weight = torch.arange(70 * 5, dtype=torch.float32).view(70, 5).to(torch.bfloat16)
+    blocked = linear_kernel().block(weight, torch.ones(70))
+    assert blocked.blocks.shape == (2, 3, GROUP, 2)
+    assert blocked.blocks[1, 2, 3, 0] == weight[67, 4] and blocked.blocks[1, 2, 3, 1] == 0  # the odd input's pad
+    assert (blocked.blocks[1, :, 6:] == 0).all()  # outputs 70..127 are padding
+    assert blocked.bias.shape == (128,) and blocked.bias[69] == 1 and blocked.bias[70] == 0
+
+
+@needs_kernel
+@pytest.mark.parametrize("x", [torch.zeros(2, 576), torch.zeros(2, 575, dtype=torch.bfloat16),
+                               torch.zeros(576, dtype=torch.bfloat16)], ids=["fp32", "width", "1-d"])
+def test_refuses_inputs_it_does_not_take(x):
+    kernel = linear_kernel()
+    with pytest.raises(ValueError):
+        kernel(x, kernel.block(torch.zeros(64, 576, dtype=torch.bfloat16), None))
+
+
+def bf16_ulps(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """How many bf16 steps apart (both bf16): their bit patterns' distance, for values of one sign."""
+    return (got.view(torch.int16).int() - want.view(torch.int16).int()).abs()
+
+
+needs_norms = pytest.mark.skipif(norm_kernels() is None, reason="no C compiler here")
+
+
+@needs_norms
+@pytest.mark.parametrize("dim", [576, 4096, 37])
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_rms_norm_is_torchs(dim, with_delta):
+    """x += delta exactly as torch adds (in place), then F.rms_norm's result: all in fp32, rounded
+    once. A sum of squares taken in another order moves a rounding now and then, by one bf16 step."""
+    generator = torch.Generator().manual_seed(dim)
+    x = (torch.randn(9, dim + 4, generator=generator) * 4).to(torch.bfloat16)[:, :dim]  # rows apart
+    delta = torch.randn(9, dim, generator=generator).to(torch.bfloat16) if with_delta else None
+    weight = torch.randn(dim, generator=generator).to(torch.bfloat16)
+    want_x = x if delta is None else x + delta
+    want = F.rms_norm(want_x, (dim,), weight, 1e-6)
+    got_x = x.clone()
+    got = norm_kernels().add_rms_norm(got_x, delta, weight, 1e-6)
+    assert torch.equal(got_x, want_x)
+    assert bf16_ulps(got, want).max() <= 1 and (got != want).float().mean() < 0.02
+
+
+@needs_norms
+def test_silu_mul_is_torchs():
+    generator = torch.Generator().manual_seed(2)
+    gate_up = (torch.randn(9, 2 * 1536 + 6, generator=generator) * 6).to(torch.bfloat16)[:, : 2 * 1536]
+    gate_up[0, :4] = torch.tensor([100.0, -100.0, 0.0, -0.0])  # (e^-|g| underflows; zeros)
+    want = F.silu(gate_up[:, :1536]) * gate_up[:, 1536:]
+    got = norm_kernels().silu_mul(gate_up)
+    assert bf16_ulps(got, want).max() <= 1 and (got != want).float().mean() < 0.01
+
+
+@needs_norms
+def test_the_model_with_and_without_the_norm_kernels(loaded, monkeypatch):
+    """The decoder's residual stream and MLP through norm_cpu.c, or through torch's ops: the same
+    next tokens, logits within bf16's rounding growing through 30 layers."""
+    from server.engine.kv_cache import KVCache
+    from server.model import decoder, layers
+    from server.model.decoder import CausalLM, ForwardBatch
+
+    model = CausalLM.from_pretrained(loaded.model_dir, torch.device("cpu"), torch.bfloat16)
+    ids = [loaded.tokenizer(p)["input_ids"] for p in ("The capital of France is", "def fibonacci(n):")]
+
+    def logits() -> torch.Tensor:
+        kv = KVCache(model.config, len(ids), 64, torch.device("cpu"), torch.bfloat16)
+        kv.ensure_capacity(64)
+        batch = ForwardBatch(input_ids=torch.tensor(sum(ids, [])),
+                             positions=torch.cat([torch.arange(len(i)) for i in ids]), slots=torch.arange(len(ids)),
+                             query_lens=[len(i) for i in ids], context_lens=[len(i) for i in ids], is_decode=False)
+        with torch.no_grad():
+            return model(batch, kv)
+
+    fused = logits()
+    monkeypatch.setattr(layers, "norm_kernels", lambda: None)
+    monkeypatch.setattr(decoder, "norm_kernels", lambda: None)
+    plain = logits()
+    assert ((fused - plain).norm(dim=-1) / plain.norm(dim=-1)).max() < 0.06
+    assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+
+
+needs_greedy = pytest.mark.skipif(greedy_kernel() is None, reason="no AVX-512 or no C compiler here")
+
+
+def torch_greedy(logits: torch.Tensor) -> tuple[list[int], torch.Tensor]:
+    exact = logits.double()
+    return logits.argmax(-1).tolist(), -(exact - exact.max(-1, keepdim=True).values).exp().sum(-1).log()
+
+
+@needs_greedy
+@pytest.mark.parametrize("vocab", [49152, 151936, 17])
+def test_greedy_rows_are_the_argmax_and_its_logprob(vocab):
+    generator = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(8, vocab + 5, generator=generator)[:, :vocab] * 10
+    logits[1] = logits[1].round()  # many ties: the first of the maxima, as torch's argmax
+    logits[2, 1:] = float("-inf")  # everything masked but one token (a grammar's mask)
+    logits[3, -1] = 1e4  # the maximum in the last, ragged vector
+    tokens, logprobs = greedy_kernel()(logits)
+    want_tokens, want_logprobs = torch_greedy(logits)
+    assert tokens == want_tokens
+    torch.testing.assert_close(torch.tensor(logprobs, dtype=torch.float64), want_logprobs, atol=2e-5, rtol=1e-5)
+
+
+@needs_greedy
+def test_a_nan_row_leaves_the_step_to_torch():
+    logits = torch.randn(3, 100)
+    logits[1, 50] = float("nan")
+    assert greedy_kernel()(logits) is None
+    picked = sampler.greedy_batch(logits)  # torch's ops: NaN is their maximum
+    assert [p.token_id for p in picked] == logits.max(-1).indices.tolist()
