@@ -103,6 +103,84 @@ def test_prefix_cache_reuses_blocks_of_the_same_adapter_only(make_engine):
     assert engine.engine.scheduler.kv.cached_blocks > 0
 
 
+def burst_engine(loaded, prefix_caching: bool, count: int, **limits):
+    """A synchronous engine and `count` greedy requests for one long prompt, added together."""
+    from dataclasses import replace
+
+    from server.config import Limits, ModelConfig, Settings
+    from server.engine.builder import build_engine
+    from server.engine.detokenizer import IncrementalDetokenizer
+    from server.engine.request import Request, StopCriteria
+
+    prompt = loaded.tokenizer(SYSTEM + "Do you bake rye bread?")["input_ids"]
+    settings = Settings(limits=replace(Limits(), max_batch_size=8, **limits),
+                        model=replace(ModelConfig(), prefix_caching=prefix_caching))
+    engine = build_engine(settings, loaded).engine
+    requests = [Request(prompt_ids=prompt, params=SamplingParams(), sink=lambda event: None,
+                        stop=StopCriteria(max_new_tokens=6, ignore_eos=True),
+                        detokenizer=IncrementalDetokenizer(loaded.tokenizer, prompt, loaded.special_token_ids))
+                for _ in range(count)]
+    for request in requests:
+        engine.scheduler.add(request)
+    fed, schedule = [], engine.scheduler.schedule
+
+    def recorded():  # the prompt tokens each plan computes
+        plan = schedule()
+        if plan is not None:
+            fed.append(sum(n for n, r in zip(plan.tokens_fed, plan.requests) if r.is_prefilling))
+        return plan
+
+    engine.scheduler.schedule = recorded
+    return engine, requests, fed
+
+
+def test_a_burst_sharing_a_prompt_prefills_it_once(loaded):
+    """Four requests with one long prompt, admitted together: the first computes the prompt's full
+    blocks, the others read them in the same step and compute only the tail past them; the same
+    tokens as without prefix caching, and every block back in the pool."""
+    from server.metrics import PREFIX_HIT_TOKENS
+
+    def run_burst(prefix_caching: bool):
+        engine, requests, fed = burst_engine(loaded, prefix_caching, 4)
+        while engine.step():
+            pass
+        assert engine.scheduler.kv.pool.num_used == 0
+        return [r.output_ids for r in requests], [n for n in fed if n], len(requests[0].prompt_ids)
+
+    cold, cold_fed, length = run_burst(False)
+    shared = (length - 1) // 16 * 16  # the full blocks a request can read (one token is always computed)
+    before = PREFIX_HIT_TOKENS._value.get()
+    warm, warm_fed, _ = run_burst(True)
+    assert PREFIX_HIT_TOKENS._value.get() - before == 3 * shared
+    assert warm_fed == [length + 3 * (length - shared)]  # one step: one prompt, three tails
+    assert cold_fed == [4 * length]
+    assert warm == cold
+
+
+def test_a_leader_that_leaves_mid_prompt_hands_its_blocks_over(loaded):
+    """The request computing a shared prompt is cancelled part-way through its chunks: the first of
+    the requests reading its blocks computes the rest of them instead, the other still reads them,
+    and both give the tokens of a cold run."""
+    engine, requests, _ = burst_engine(loaded, False, 1, max_batch_prefill_tokens=48)
+    while engine.step():
+        pass
+    cold = requests[0].output_ids
+
+    engine, (leader, *followers), fed = burst_engine(loaded, True, 3, max_batch_prefill_tokens=48)
+    engine.step()  # the leader's first 48 tokens (admissions stop at twice the step's budget)
+    assert leader.num_computed_tokens == 48 and all(f.admitted_seq < 0 for f in followers)
+    leader.cancel_requested = True
+    engine.step()  # the followers come in reading its blocks; it computes 48 more, then leaves
+    shared = (len(leader.prompt_ids) - 1) // 16 * 16
+    assert leader.is_finished and shared > 96
+    assert followers[0].num_computed_tokens == 96  # from the first block the leader never computed, its own
+    assert followers[1].num_computed_tokens == shared  # still reading them: now computed by followers[0]
+    while engine.step():
+        pass
+    assert [f.output_ids for f in followers] == [cold, cold]
+    assert engine.scheduler.kv.pool.num_used == 0
+
+
 LONG = ("In a distant kingdom surrounded by tall mountains, an old clockmaker spent his days repairing the tiny "
         "gears of forgotten watches, and every evening he told the village children a new story about the stars. ") * 2
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
@@ -71,6 +71,9 @@ class KVCache:
     def grow(self, request: Any) -> bool:
         """Room for the request's next token: always (its worst case was reserved at admission)."""
         return True
+
+    def register_computed(self, request: Any) -> None:
+        """No prefix cache in the dense cache."""
 
     def release(self, request: Any) -> None:
         moved = self.free(request.slot)
@@ -177,6 +180,22 @@ class PagedIndex:
     sequences: tuple[torch.Tensor, ...]  # per prefilling sequence (after the decoding rows): its slots in order
 
 
+@dataclass
+class InFlight:
+    """A full block of a prompt prefix that a running request (its leader) is computing now. A
+    request admitted meanwhile with the same prefix (the same tokens under the same adapter: a
+    burst sharing a system prompt) shares the block and counts it computed. That holds because the
+    scheduler feeds prefills in admission order, a request only once every earlier one has all its
+    pending tokens in the step, and each layer writes the step's keys and values before any
+    attention reads them: when the follower's tokens attend, the block is written. A leader that
+    leaves without computing it hands it to a follower (PagedKVCache._hand_over)."""
+
+    block: int
+    index: int  # its place in every block table holding it (the same prefix)
+    leader: Any  # the Request computing it
+    followers: list[Any] = field(default_factory=list)
+
+
 class BlockPool:
     """Fixed-size blocks with reference counts. A full block can be registered under its prefix key;
     when its last user leaves it stays cached but idle (least recently used first), and is only
@@ -260,6 +279,8 @@ class PagedKVCache:
                            device=device, dtype=dtype)
         self.keys, self.values = list(pool[0].unbind(0)), list(pool[1].unbind(0))
         self._holders = 0
+        self._in_flight: dict[bytes, InFlight] = {}  # full prefix blocks being computed now, by key
+        self._promised: dict[int, list[bytes]] = {}  # request id -> keys of the blocks it leads
         fits = arch.head_dim <= MAX_DIM and arch.num_heads // arch.num_kv_heads <= MAX_GROUP
         cpu = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
         self._attend = attention_kernel() if cpu and fits else None  # CPU decode rows read in place
@@ -312,17 +333,25 @@ class PagedKVCache:
         return self.blocks_for(request.total_tokens) - len(matched) + revived + spare <= self.pool.num_free
 
     def admit(self, request: Any) -> None:
-        """Start the request's block table with its cached prefix, then blocks for the rest."""
+        """Start the request's block table with its cached prefix and the blocks of its prefix that
+        running requests are computing now (it follows them: see InFlight), then blocks for the rest."""
         matched = self._match(request)
-        self.pool.share(matched)
-        request.block_table = list(matched)
-        request.num_computed_tokens = len(matched) * self.block_size
+        joined = self._join_in_flight(request, len(matched))
+        self.pool.share(matched + joined)
+        request.block_table = matched + joined
+        request.num_computed_tokens = len(request.block_table) * self.block_size
         request.registered_blocks = len(matched)
         if self.prefix_caching and not request.options.prefill_logprobs:
             PREFIX_LOOKUP_TOKENS.inc(request.total_tokens)
             PREFIX_HIT_TOKENS.inc(request.num_computed_tokens)
         self._holders += 1
         assert self._extend(request), "can_admit checked the blocks"
+        self._lead(request)
+
+    def register_computed(self, request: Any) -> None:
+        """After a step: the request's blocks computed in full join the prefix cache now, before the
+        next admissions look for them."""
+        self._register(request)
 
     def grow(self, request: Any) -> bool:
         """Before a decode step: register the request's blocks whose tokens are all computed, and
@@ -331,13 +360,64 @@ class PagedKVCache:
         return self._extend(request)
 
     def _register(self, request: Any) -> None:
-        """Offer the request's full, computed blocks not offered yet to the prefix cache."""
+        """Offer the request's full, computed blocks not offered yet to the prefix cache, up to one
+        it follows another request for (that request registers it once computed)."""
         full = request.num_computed_tokens // self.block_size
-        if self.prefix_caching and full > request.registered_blocks:
-            keys = self._keys(request, full)
-            for i in range(request.registered_blocks, full):
-                self.pool.register(request.block_table[i], keys[i])
-            request.registered_blocks = full
+        if not self.prefix_caching or full <= request.registered_blocks:
+            return
+        keys = self._keys(request, full)
+        for i in range(request.registered_blocks, full):
+            entry = self._in_flight.get(keys[i])
+            if entry is not None and entry.leader is not request:
+                return
+            self.pool.register(request.block_table[i], keys[i])
+            if entry is not None:
+                del self._in_flight[keys[i]]
+            request.registered_blocks = i + 1
+
+    def _join_in_flight(self, request: Any, start: int) -> list[int]:
+        """The blocks after the first `start` of the request's prefix that running requests are
+        computing now (the same tokens under the same adapter), which it reads instead."""
+        if not self._in_flight or not self.prefix_caching or request.options.prefill_logprobs:
+            return []
+        joined = []
+        for key in self._keys(request, (request.total_tokens - 1) // self.block_size)[start:]:
+            entry = self._in_flight.get(key)
+            if entry is None:
+                break
+            entry.followers.append(request)
+            joined.append(entry.block)
+        return joined
+
+    def _lead(self, request: Any) -> None:
+        """The full blocks its prefill computes that nobody else computes now: in flight, led by it."""
+        if not self.prefix_caching or request.options.prefill_logprobs:
+            return
+        start, full = request.num_computed_tokens // self.block_size, request.total_tokens // self.block_size
+        keys, led = self._keys(request, full), []
+        for index in range(start, full):
+            if keys[index] not in self._in_flight:
+                self._in_flight[keys[index]] = InFlight(request.block_table[index], index, request)
+                led.append(keys[index])
+        if led:
+            self._promised[request.id] = led
+
+    def _hand_over(self, request: Any) -> None:
+        """The request leaves with blocks it led but never computed: the earliest admitted of their
+        followers still holding them computes them instead, and the others follow it."""
+        for key in self._promised.pop(request.id, []):
+            entry = self._in_flight.get(key)
+            if entry is None or entry.leader is not request:
+                continue
+            del self._in_flight[key]
+            live = [f for f in entry.followers
+                    if len(f.block_table) > entry.index and f.block_table[entry.index] == entry.block]
+            if not live:
+                continue
+            heir = min(live, key=lambda f: f.admitted_seq)
+            heir.num_computed_tokens = min(heir.num_computed_tokens, entry.index * self.block_size)
+            self._in_flight[key] = InFlight(entry.block, entry.index, heir, [f for f in live if f is not heir])
+            self._promised.setdefault(heir.id, []).append(key)
 
     def _extend(self, request: Any) -> bool:
         missing = self.blocks_for(request.total_tokens) - len(request.block_table)
@@ -372,6 +452,7 @@ class PagedKVCache:
 
     def release(self, request: Any) -> None:
         self._register(request)  # a request that never decoded (one new token) has its prefix cached here
+        self._hand_over(request)
         self.pool.give_back(request.block_table)
         request.block_table = []
         self._holders -= 1

@@ -11,6 +11,10 @@ ones are all pinned by running requests, the resident adapter with the fewest ru
 admitting ("drains"); once idle it is evicted and the waiting adapter moves in, so a waiting queue is
 bounded by drains (each at most max_total_tokens decode steps).
 
+Prompt chunks are fed in admission order, a request only once every earlier one has all its pending
+tokens in the step: a request admitted while another computes the same prompt prefix (a burst sharing
+a system prompt) reads that prefix's blocks instead of computing them again (kv_cache.InFlight).
+
 A request that has waited longer than max_queue_wait_s for admission is failed as "overloaded"
 (429), so a client under sustained overload hears so and can retry elsewhere instead of hanging.
 """
@@ -103,6 +107,8 @@ class Scheduler:
     def schedule(self) -> BatchPlan | None:
         """Admit what fits, make room for every decoding request's next token, and plan the step."""
         self._expire_waiting(time.monotonic())
+        for request in self.running:  # the last step's computed blocks join the prefix cache before admission
+            self.kv.register_computed(request)
         self._admit()
         self._make_room_for_decode()
         for request in self.running:  # Phi-3 longrope, first past its original context: prefilled again
