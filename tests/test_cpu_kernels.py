@@ -184,3 +184,64 @@ def test_a_nan_row_leaves_the_step_to_torch():
     assert greedy_kernel()(logits) is None
     picked = sampler.greedy_batch(logits)  # torch's ops: NaN is their maximum
     assert [p.token_id for p in picked] == logits.max(-1).indices.tolist()
+
+
+@needs_norms
+@pytest.mark.parametrize("dim", [64, 128])
+def test_rope_store_is_the_torch_ops(dim):
+    """q and k rotated in place and k, v written to their slots: bit for bit rotate() and index_copy_."""
+    from server.model.rope import rotate
+
+    generator = torch.Generator().manual_seed(dim)
+    tokens, heads, kv_heads = 7, 9, 3
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=generator) * 4).to(torch.bfloat16)
+    positions = torch.randint(0, 4000, (tokens, 1, 1), generator=generator).float()
+    angles = positions / 10000 ** (torch.arange(dim) % (dim // 2) * 2 / dim)
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    slots = torch.randperm(40, generator=generator)[:tokens]
+    shaped = qkv.view(tokens, heads + 2 * kv_heads, dim)
+    rotated = rotate(shaped[:, : heads + kv_heads], cos, sin)
+    want_k, want_v = (torch.zeros(40, kv_heads, dim, dtype=torch.bfloat16) for _ in range(2))
+    want_k[slots], want_v[slots] = rotated[:, heads:], shaped[:, heads + kv_heads :]
+    k_cache, v_cache = (torch.zeros(40, kv_heads, dim, dtype=torch.bfloat16) for _ in range(2))
+    q = norm_kernels().rope_store(qkv, heads, kv_heads, cos, sin, k_cache, v_cache, slots)
+    assert torch.equal(q, rotated[:, :heads]) and torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    with pytest.raises(ValueError, match="outside"):
+        norm_kernels().rope_store(qkv, heads, kv_heads, cos, sin, k_cache, v_cache, slots + 40)
+
+
+@needs_norms
+def test_the_served_bf16_engine_with_and_without_the_cpu_kernels(monkeypatch):
+    """The paged bf16 engine on CPU with the norm, RoPE and greedy kernels against the same engine
+    with torch's ops for them: the same greedy tokens for a batch of prompts, prefill and decode."""
+    import asyncio
+    from dataclasses import replace
+
+    from server.config import Limits, ModelConfig, Settings
+    from server.engine.builder import build_engine
+    from server.engine.kv_cache import PagedKVCache
+    from server.model import decoder, layers
+    from server.model.loader import load_model
+    from tests.conftest import collect, greedy
+
+    loaded = load_model(ModelConfig(model="default", device="cpu", dtype="bfloat16"))
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",
+               "List three colours:"]
+
+    def outputs() -> list[list[int]]:
+        engine = build_engine(Settings(limits=replace(Limits(), max_batch_size=8)), loaded)
+        assert isinstance(engine.engine.scheduler.kv, PagedKVCache)
+        engine.engine.start()
+        try:
+            async def run_all():
+                return await asyncio.gather(*(collect(engine, greedy(p, 12)) for p in prompts))
+            return [tokens for tokens, _, _ in asyncio.run(run_all())]
+        finally:
+            engine.engine.stop()
+
+    fused = outputs()
+    monkeypatch.setattr(layers, "norm_kernels", lambda: None)
+    monkeypatch.setattr(decoder, "norm_kernels", lambda: None)
+    monkeypatch.setattr(PagedKVCache, "rotate_and_write", lambda *args: None)
+    monkeypatch.setattr(sampler, "greedy_kernel", lambda: None)
+    assert outputs() == fused

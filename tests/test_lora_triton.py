@@ -151,6 +151,9 @@ class NoCache:
     def decode_attention(self, layer, q, batch, window, scale):
         return None
 
+    def rotate_and_write(self, layer, qkv, cos, sin, heads, batch):
+        return None
+
 
 def prefill_batch(lens: list[int], lora, vocab: int) -> ForwardBatch:
     g = torch.Generator().manual_seed(5)

@@ -19,7 +19,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from server.kernels.native import MAX_DIM, MAX_GROUP, attention_kernel
+from server.kernels.native import MAX_DIM, MAX_GROUP, attention_kernel, norm_kernels
 from server.metrics import PREFIX_HIT_TOKENS, PREFIX_LOOKUP_TOKENS
 from server.model.arch import ArchConfig
 
@@ -146,6 +146,11 @@ class KVCache:
     def decode_attention(self, layer: int, q: torch.Tensor, batch: Any, window: Optional[int],
                          scale: float) -> Optional[torch.Tensor]:
         """No fused path here: attention reads decode_kv."""
+        return None
+
+    def rotate_and_write(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                         batch: Any) -> Optional[torch.Tensor]:
+        """No fused path here: the model rotates, then calls write."""
         return None
 
     def decode_kv(self, layer: int, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,6 +289,7 @@ class PagedKVCache:
         fits = arch.head_dim <= MAX_DIM and arch.num_heads // arch.num_kv_heads <= MAX_GROUP
         cpu = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
         self._attend = attention_kernel() if cpu and fits else None  # CPU decode rows read in place
+        self._rope = norm_kernels() if cpu and dtype == torch.bfloat16 else None  # RoPE + K/V writes in one pass
 
     @classmethod
     def sized(cls, arch: ArchConfig, memory_bytes: int, block_size: int, device: torch.device,
@@ -489,6 +495,17 @@ class PagedKVCache:
         k_cache, v_cache = self.layer(layer)
         k_cache.index_copy_(0, batch.kv_index.slot_mapping, k)
         v_cache.index_copy_(0, batch.kv_index.slot_mapping, v)
+
+    def rotate_and_write(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                         batch: Any) -> Optional[torch.Tensor]:
+        """bf16 on CPU: q and k of the fused projection's rows [tokens, (heads + 2 kv_heads) * dim]
+        rotated in place and k, v written, in one pass of norm_cpu.c (instead of ~10 torch ops a
+        layer); returns q [tokens, heads, dim], or None where the kernel does not take these."""
+        if self._rope is None:
+            return None
+        k_cache, v_cache = self.layer(layer)
+        return self._rope.rope_store(qkv, heads, self.arch.num_kv_heads, cos, sin, k_cache, v_cache,
+                                     batch.kv_index.slot_mapping)
 
     def decode_attention(self, layer: int, q: torch.Tensor, batch: Any, window: Optional[int],
                          scale: float) -> Optional[torch.Tensor]:

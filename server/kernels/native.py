@@ -357,14 +357,17 @@ def linear_kernel() -> Optional[LinearKernel]:
 
 
 class NormKernels:
-    """norm_cpu.c on bf16 CPU rows: the residual add with RMSNorm, and SiLU(gate) * up."""
+    """norm_cpu.c on bf16 CPU rows: the residual add with RMSNorm, SiLU(gate) * up, and RoPE with the
+    paged cache's K/V writes."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         self._add_norm, self._silu_mul = library.add_rms_norm_bf16, library.silu_mul_bf16
+        self._rope_store = library.rope_store_bf16
         self._add_norm.argtypes = (i64, i64, ptr, i64, ptr, i64, ptr, ctypes.c_float, ptr, i64)
         self._silu_mul.argtypes = (i64, i64, ptr, i64, ptr, i64)
-        self._add_norm.restype = self._silu_mul.restype = ctypes.c_int
+        self._rope_store.argtypes = (i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr)
+        self._add_norm.restype = self._silu_mul.restype = self._rope_store.restype = ctypes.c_int
 
     @staticmethod
     def takes(x: torch.Tensor) -> bool:
@@ -396,6 +399,51 @@ class NormKernels:
         return out
 
 
+    def rope_store(self, qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+        """qkv [tokens, (heads + 2 kv_heads) * dim] bf16: q and k rotated in place (cos, sin [tokens,
+        1, dim]), k and v written to slot_mapping's slots of k_cache and v_cache [slots, kv_heads,
+        dim]. Returns q, a [tokens, heads, dim] view of qkv."""
+        tokens, dim = qkv.shape[0], k_cache.shape[-1] if k_cache.dim() == 3 else 0
+        ok = (self.takes(qkv) and dim > 0 and dim % 2 == 0 and qkv.shape[1] == (heads + 2 * kv_heads) * dim
+              and all(t.is_cpu and t.dtype == torch.bfloat16 and t.is_contiguous() and t.shape == (tokens, 1, dim)
+                      for t in (cos, sin))
+              and all(t.is_cpu and t.dtype == torch.bfloat16 and t.is_contiguous() and t.dim() == 3
+                      and t.shape[1:] == (kv_heads, dim) for t in (k_cache, v_cache))
+              and k_cache.shape == v_cache.shape and slot_mapping.dtype == torch.int64 and slot_mapping.is_cpu
+              and slot_mapping.is_contiguous() and slot_mapping.shape == (tokens,))
+        if not ok:
+            raise ValueError("rope_store: bf16 CPU q/k/v rows, [tokens, 1, dim] tables, [slots, kv_heads, dim] caches")
+        rc = self._rope_store(tokens, heads, kv_heads, dim, qkv.data_ptr(), qkv.stride(0), cos.data_ptr(),
+                              sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0],
+                              slot_mapping.data_ptr())
+        if rc != 0:
+            raise ValueError("rope_store: " + ("a slot outside the cache" if rc == -2 else "bad sizes"))
+        return qkv.view(tokens, heads + 2 * kv_heads, dim)[:, :heads]
+
+
+def _rope_agrees(kernels: NormKernels) -> bool:
+    """rope_store against server.model.rope.rotate and index_copy_, bit for bit."""
+    from server.model.rope import rotate
+
+    generator = torch.Generator().manual_seed(0)
+    tokens, heads, kv_heads, dim = 5, 6, 2, 16
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * dim + 8, generator=generator) * 3).to(torch.bfloat16)
+    qkv = qkv[:, : (heads + 2 * kv_heads) * dim]  # rows apart
+    angles = torch.randn(tokens, 1, dim, generator=generator)
+    cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
+    slots = torch.tensor([7, 0, 3, 9, 4])
+    shaped = qkv.reshape(tokens, heads + 2 * kv_heads, dim)
+    want_qk = rotate(shaped[:, : heads + kv_heads], cos, sin)
+    want_k, want_v = (torch.zeros(10, kv_heads, dim, dtype=torch.bfloat16) for _ in range(2))
+    want_k.index_copy_(0, slots, want_qk[:, heads:])
+    want_v.index_copy_(0, slots, shaped[:, heads + kv_heads :])
+    k_cache, v_cache = (torch.zeros(10, kv_heads, dim, dtype=torch.bfloat16) for _ in range(2))
+    got = qkv.clone()
+    q = kernels.rope_store(got, heads, kv_heads, cos, sin, k_cache, v_cache, slots)
+    return bool(torch.equal(q, want_qk[:, :heads]) and torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v))
+
+
 def _norms_agree(kernels: NormKernels) -> bool:
     """Against torch's ops on rows apart, with and without the residual add; all but a few of the
     values (a sum taken in another order can move a rounding) bit for bit."""
@@ -422,7 +470,8 @@ def _norms_agree(kernels: NormKernels) -> bool:
 @functools.cache
 def norm_kernels() -> Optional[NormKernels]:
     """The residual-add + RMSNorm and SiLU-mul kernels for bf16 CPU rows, or None where they can't be had."""
-    return _checked("norm_cpu.c", "bf16 CPU norms and activations", NormKernels, _norms_agree)
+    return _checked("norm_cpu.c", "bf16 CPU norms, activations and RoPE", NormKernels,
+                    lambda kernels: _norms_agree(kernels) and _rope_agrees(kernels))
 
 
 class GreedyKernel:

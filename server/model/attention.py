@@ -32,6 +32,9 @@ class KVStore(Protocol):
 
     def prefill_kv(self, layer: int, batch: Any, seq: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def rotate_and_write(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+                         batch: Any) -> Optional[torch.Tensor]: ...
+
 
 @dataclass
 class StepTensors:
@@ -116,8 +119,7 @@ class Attention(nn.Module):
         return {**self.qkv_proj.targets, **self.o_proj.targets}
 
     def forward(self, x: torch.Tensor, step: StepTensors) -> torch.Tensor:
-        q, k, v = self._qkv(x, step)
-        step.kv.write(self.layer_index, k, v, step.batch)
+        q = self._q_with_kv_stored(x, step)
         rows = step.batch.num_decode_rows  # decoding rows come first, one token each: batched
         if step.batch.is_decode:
             out = self._decode(q, step)
@@ -127,11 +129,24 @@ class Attention(nn.Module):
             out = self._prefill(q, step)
         return self.o_proj(out.reshape(x.shape[0], -1), step.batch)
 
-    def _qkv(self, x: torch.Tensor, step: StepTensors) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _q_with_kv_stored(self, x: torch.Tensor, step: StepTensors) -> torch.Tensor:
+        """q [tokens, heads, head_dim], normed (where the family does) and rotated; the tokens' k
+        (likewise) and v written to the cache."""
+        qkv = self.qkv_proj(x, step.batch)
+        cos, sin = step.rope[self.rope_key]
+        if self.q_norm is None and cos.shape[-1] == self.head_dim:  # (the store may do both in one pass)
+            q = step.kv.rotate_and_write(self.layer_index, qkv, cos, sin, self.num_heads, step.batch)
+            if q is not None:
+                return q
+        q, k, v = self._qkv(qkv, cos, sin)
+        step.kv.write(self.layer_index, k, v, step.batch)
+        return q
+
+    def _qkv(self, qkv: torch.Tensor, cos: torch.Tensor,
+             sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[tokens, heads or kv_heads, head_dim] each, q and k normed (where the family does) and rotated."""
         heads, kv_heads = self.num_heads, self.num_kv_heads
-        qkv = self.qkv_proj(x, step.batch).view(x.shape[0], heads + 2 * kv_heads, self.head_dim)
-        cos, sin = step.rope[self.rope_key]
+        qkv = qkv.view(qkv.shape[0], heads + 2 * kv_heads, self.head_dim)
         v = qkv[:, heads + kv_heads :]
         if self.q_norm is None:  # q and k rotated in one pass
             qk = rotate(qkv[:, : heads + kv_heads], cos, sin)
