@@ -54,6 +54,28 @@ def test_as_exact_as_torch_against_float64(out, in_, bias, rows):
 
 
 @needs_kernel
+@pytest.mark.parametrize("out, in_, bias", [(960, 576, False), (70, 41, True), (49152, 64, False)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 6])
+def test_int8_copies_against_float64(out, in_, bias, rows):
+    """quantize=int8's kernel: the int8 values times their per-output scale, summed in fp32 and
+    rounded once: within one bf16 step of the float64 product."""
+    from server.model.layers import Int8Weight
+
+    generator = torch.Generator().manual_seed(out + in_ + rows)
+    weight = (torch.randn(out, in_, generator=generator) * 0.05).to(torch.bfloat16)
+    b = torch.randn(out, generator=generator).to(torch.bfloat16) if bias else None
+    int8 = Int8Weight.of(weight, b)
+    assert int8.blocked is not None and int8.values is None
+    x = torch.randn(rows, in_, generator=generator).to(torch.bfloat16)
+    scales = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127
+    values = torch.round(weight.float() / scales[:, None]).clamp(-127, 127)  # (as quantized: in fp32)
+    dequantized = values.double() * scales.double()[:, None]
+    exact = x.double() @ dequantized.T + (0 if b is None else b.double())
+    got = linear_kernel().int8(x, int8.blocked).double()
+    assert ((got - exact).abs() <= exact.abs().clamp(min=1e-3) * 2**-7 + 1e-4).all()
+
+
+@needs_kernel
 def test_same_bits_on_one_thread_or_two():
     """A tile of outputs is summed by one thread in one order: the team's size changes no bit."""
     generator = torch.Generator().manual_seed(1)

@@ -18,6 +18,7 @@
  *   bias: NULL or ceil(out / 64) * 64 floats (zero-padded);
  *   y: [rows, out] bf16, rows y_stride apart.
  * Returns 0; -1 for bad sizes; -2 where this CPU or build has no AVX512-BF16.
+ * linear_int8 (below): the same for weight-only int8 copies (`quantize: int8`).
  */
 #include <stdint.h>
 #include <string.h>
@@ -102,10 +103,68 @@ int linear_bf16(int64_t rows, int64_t in, int64_t out, const uint16_t *x, int64_
     }
     return 0;
 }
+
+/* Weight-only int8: w [groups][in][64] int8 (one scale per output, fp32), x bf16, fp32 sums. Each
+ * input's 64 weights are widened to fp32 once per tile of up to 4 rows: at 1-4 rows the step reads
+ * half the bytes of bf16 (decode is memory-bound there); past that the widening costs more than it
+ * saves, and the caller keeps bf16. */
+static void tile_int8(int64_t rows, int64_t in, int64_t outputs, const int8_t *wg, const float *scales,
+                      const float *bias, const uint16_t *x, int64_t x_stride, uint16_t *y, int64_t y_stride) {
+    __m512 acc[TILE_ROWS][4];
+    for (int r = 0; r < TILE_ROWS; r++)
+        for (int b = 0; b < 4; b++) acc[r][b] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < in; i++) {
+        const int8_t *wi = wg + i * GROUP;
+        __m512 w[4];
+        for (int b = 0; b < 4; b++)
+            w[b] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wi + 16 * b))));
+        for (int r = 0; r < rows; r++) {
+            uint32_t bits = (uint32_t)x[r * x_stride + i] << 16;
+            float xv;
+            memcpy(&xv, &bits, sizeof xv);
+            __m512 xb = _mm512_set1_ps(xv);
+            for (int b = 0; b < 4; b++) acc[r][b] = _mm512_fmadd_ps(w[b], xb, acc[r][b]);
+        }
+    }
+    for (int b = 0; b < 4; b++) {
+        int64_t left = outputs - 16 * b;
+        if (left <= 0) break;
+        __mmask16 mask = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        __m512 scale = _mm512_loadu_ps(scales + 16 * b);
+        __m512 add = bias ? _mm512_loadu_ps(bias + 16 * b) : _mm512_setzero_ps();
+        for (int r = 0; r < rows; r++) {
+            __m256i rounded = (__m256i)_mm512_cvtneps_pbh(_mm512_fmadd_ps(acc[r][b], scale, add));
+            _mm256_mask_storeu_epi16(y + r * y_stride + 16 * b, mask, rounded);
+        }
+    }
+}
+
+/* w: ceil(out / 64) * in * 64 int8; scales, bias (or NULL): ceil(out / 64) * 64 floats. */
+int linear_int8(int64_t rows, int64_t in, int64_t out, const uint16_t *x, int64_t x_stride, const int8_t *w,
+                const float *scales, const float *bias, uint16_t *y, int64_t y_stride) {
+    if (rows < 0 || in < 1 || out < 1 || x_stride < in || y_stride < out) return -1;
+    int64_t groups = (out + GROUP - 1) / GROUP, chunks = (rows + TILE_ROWS - 1) / TILE_ROWS, tiles = groups * chunks;
+#pragma omp parallel for schedule(static) if (tiles > 1 && rows * in * out >= (1 << 18))
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t g = t / chunks, r0 = t % chunks * TILE_ROWS;
+        int64_t n = rows - r0 < TILE_ROWS ? rows - r0 : TILE_ROWS;
+        int64_t outputs = out - g * GROUP < GROUP ? out - g * GROUP : GROUP;
+        tile_int8(n, in, outputs, w + g * in * GROUP, scales + g * GROUP, bias ? bias + g * GROUP : NULL,
+                  x + r0 * x_stride, x_stride, y + r0 * y_stride + g * GROUP, y_stride);
+    }
+    return 0;
+}
 #else
 int linear_bf16(int64_t rows, int64_t in, int64_t out, const uint16_t *x, int64_t x_stride, const uint16_t *w,
                 const float *bias, uint16_t *y, int64_t y_stride) {
     (void)rows, (void)in, (void)out, (void)x, (void)x_stride, (void)w, (void)bias, (void)y, (void)y_stride;
+    return -2;
+}
+
+int linear_int8(int64_t rows, int64_t in, int64_t out, const uint16_t *x, int64_t x_stride, const int8_t *w,
+                const float *scales, const float *bias, uint16_t *y, int64_t y_stride) {
+    (void)rows, (void)in, (void)out, (void)x, (void)x_stride, (void)w, (void)scales, (void)bias, (void)y,
+        (void)y_stride;
     return -2;
 }
 #endif

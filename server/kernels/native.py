@@ -285,11 +285,63 @@ class BlockedWeight:
         return self.blocks.numel() * 2 + (0 if self.bias is None else self.bias.numel() * 4)
 
 
-class LinearKernel:
-    """linear_cpu.c: bf16 projections on CPUs with AVX512-BF16, from weights blocked once at load."""
+@dataclass(frozen=True)
+class BlockedInt8:
+    """A weight-only int8 copy [out, in] in linear_int8's layout, one fp32 scale per output."""
 
-    def __init__(self, function: Callable[..., int]) -> None:
-        self.function = function
+    blocks: torch.Tensor  # [groups, in, 64] int8
+    scales: torch.Tensor  # [groups * 64] float32
+    bias: Optional[torch.Tensor]  # [groups * 64] float32, or None
+    in_features: int
+    out_features: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel() + self.scales.numel() * 4 + (0 if self.bias is None else self.bias.numel() * 4)
+
+
+def _padded(values: Optional[torch.Tensor], size: int) -> Optional[torch.Tensor]:
+    if values is None:
+        return None
+    padded = torch.zeros(size, dtype=torch.float32)
+    padded[: values.shape[0]] = values.detach().float()
+    return padded
+
+
+class LinearKernel:
+    """linear_cpu.c: bf16 projections on CPUs with AVX512-BF16, from weights blocked once at load,
+    and their weight-only int8 copies for small steps."""
+
+    def __init__(self, function: Callable[..., int], int8_function: Callable[..., int]) -> None:
+        self.function, self.int8_function = function, int8_function
+
+    @staticmethod
+    def block_int8(values: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> BlockedInt8:
+        """values [out, in] int8 with scales [out] (weight ~ values * scales)."""
+        out, in_ = values.shape
+        groups = -(-out // GROUP)
+        padded = torch.zeros(groups * GROUP, in_, dtype=torch.int8)
+        padded[:out] = values
+        blocks = padded.view(groups, GROUP, in_).transpose(1, 2).contiguous()
+        return BlockedInt8(blocks, _padded(scales, groups * GROUP), _padded(bias, groups * GROUP), in_, out)
+
+    def int8(self, x: torch.Tensor, weight: BlockedInt8) -> torch.Tensor:
+        """x [rows, in] bf16 on CPU -> [rows, out] bf16, through the int8 copy."""
+        x, y = self._io(x, weight.in_features, weight.out_features)
+        rc = self.int8_function(x.shape[0], x.shape[1], weight.out_features, x.data_ptr(), x.stride(0),
+                                weight.blocks.data_ptr(), weight.scales.data_ptr(),
+                                0 if weight.bias is None else weight.bias.data_ptr(), y.data_ptr(), y.stride(0))
+        if rc != 0:
+            raise ValueError("linear_int8: " + ("bad sizes" if rc == -1 else "not built for this CPU"))
+        return y
+
+    @staticmethod
+    def _io(x: torch.Tensor, in_features: int, out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not (x.is_cpu and x.dim() == 2 and x.dtype == torch.bfloat16 and x.shape[1] == in_features):
+            raise ValueError("linear: x must be a [rows, in] bf16 CPU tensor")
+        if x.stride(1) != 1 or x.stride(0) < x.shape[1]:
+            x = x.contiguous()
+        return x, torch.empty(x.shape[0], out_features, dtype=torch.bfloat16)
 
     @staticmethod
     def block(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> BlockedWeight:
@@ -298,19 +350,11 @@ class LinearKernel:
         padded = torch.zeros(groups * GROUP, pairs * 2, dtype=torch.bfloat16)
         padded[:out, :in_] = weight.detach()
         blocks = padded.view(groups, GROUP, pairs, 2).permute(0, 2, 1, 3).contiguous()
-        padded_bias = None
-        if bias is not None:
-            padded_bias = torch.zeros(groups * GROUP, dtype=torch.float32)
-            padded_bias[:out] = bias.detach().float()
-        return BlockedWeight(blocks, padded_bias, in_, out)
+        return BlockedWeight(blocks, _padded(bias, groups * GROUP), in_, out)
 
     def __call__(self, x: torch.Tensor, weight: BlockedWeight) -> torch.Tensor:
         """x [rows, in] bf16 on CPU -> [rows, out] bf16."""
-        if not (x.is_cpu and x.dim() == 2 and x.dtype == torch.bfloat16 and x.shape[1] == weight.in_features):
-            raise ValueError("linear_bf16: x must be a [rows, in] bf16 CPU tensor")
-        if x.stride(1) != 1 or x.stride(0) < x.shape[1]:
-            x = x.contiguous()
-        y = torch.empty(x.shape[0], weight.out_features, dtype=torch.bfloat16)
+        x, y = self._io(x, weight.in_features, weight.out_features)
         bias = 0 if weight.bias is None else weight.bias.data_ptr()
         rc = self.function(x.shape[0], x.shape[1], weight.out_features, x.data_ptr(), x.stride(0),
                            weight.blocks.data_ptr(), bias, y.data_ptr(), y.stride(0))
@@ -320,11 +364,12 @@ class LinearKernel:
 
 
 def _bind_linear(library: ctypes.CDLL) -> LinearKernel:
-    fn = library.linear_bf16
+    fn, int8 = library.linear_bf16, library.linear_int8
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = (i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64)
-    fn.restype = ctypes.c_int
-    return LinearKernel(fn)
+    int8.argtypes = (i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64)
+    fn.restype = int8.restype = ctypes.c_int
+    return LinearKernel(fn, int8)
 
 
 def _linear_agrees(kernel: LinearKernel) -> bool:
@@ -339,6 +384,12 @@ def _linear_agrees(kernel: LinearKernel) -> bool:
             x = torch.randn(rows, in_ + 5, generator=generator).to(torch.bfloat16)[:, :in_]
             want = x.double() @ weight.double().T + (0 if b is None else b.double())
             got = kernel(x, blocked).double()
+            if not torch.allclose(got, want, atol=0.05, rtol=1e-2):
+                return False
+            values = torch.randint(-127, 128, (out, in_), generator=generator, dtype=torch.int8)
+            scales = torch.rand(out, generator=generator) / 100
+            want = x.double() @ (values.double() * scales.double()[:, None]).T + (0 if b is None else b.double())
+            got = kernel.int8(x, kernel.block_int8(values, scales, b)).double()
             if not torch.allclose(got, want, atol=0.05, rtol=1e-2):
                 return False
     return True

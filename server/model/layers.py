@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.kernels.native import BlockedWeight, linear_kernel, norm_kernels
+from server.kernels.native import BlockedInt8, BlockedWeight, linear_kernel, norm_kernels
 from server.model.arch import Norm
 
 
@@ -35,16 +35,27 @@ INT8_MAX_ROWS = 4  # int8 matmuls beat float ones up to this many rows on CPU (b
 
 @dataclass(frozen=True)
 class Int8Weight:
-    """Weight-only int8 copy of a float weight, one scale per output row (symmetric)."""
+    """Weight-only int8 copy of a float weight, one scale per output row (symmetric): blocked for
+    linear_cpu.c's int8 kernel where it runs (fp32 scales, the bias inside), else for torch's."""
 
-    values: torch.Tensor  # [out, in] int8
-    scales: torch.Tensor  # [out] in the model dtype
+    values: Optional[torch.Tensor]  # [out, in] int8 (torch's kernel)
+    scales: Optional[torch.Tensor]  # [out] in the model dtype (torch's kernel)
+    blocked: Optional[BlockedInt8] = None
 
     @classmethod
-    def of(cls, weight: torch.Tensor) -> "Int8Weight":
+    def of(cls, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> "Int8Weight":
         scales = weight.float().abs().amax(dim=1).clamp(min=1e-12) / 127
         values = torch.round(weight.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        kernel = linear_kernel() if weight.device.type == "cpu" and weight.dtype == torch.bfloat16 else None
+        if kernel is not None:
+            return cls(None, None, kernel.block_int8(values, scales, bias))
         return cls(values.contiguous(), scales.to(weight.dtype))
+
+    @property
+    def nbytes(self) -> int:
+        if self.blocked is not None:
+            return self.blocked.nbytes
+        return self.values.numel() + self.scales.numel() * self.scales.element_size()
 
 
 PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -65,6 +76,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     is memory-bound); otherwise the prepacked weight on CPU (blocked, or oneDNN's), the plain one
     elsewhere."""
     if int8 is not None and x.shape[0] <= INT8_MAX_ROWS:
+        if int8.blocked is not None:
+            return linear_kernel().int8(x, int8.blocked)  # (the bias is in the blocked copy)
         y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), int8.values, int8.scales)
         return y if bias is None else y + bias
     if blocked is not None:
@@ -162,8 +175,8 @@ def quantize_int8(model: nn.Module) -> int:
     added = 0
     for module in model.modules():
         if isinstance(module, Projection):
-            module.int8 = Int8Weight.of(module.weight.detach())
-            added += module.int8.values.numel() + module.int8.scales.numel() * module.int8.scales.element_size()
+            module.int8 = Int8Weight.of(module.weight.detach(), module.bias)
+            added += module.int8.nbytes
     return added
 
 
