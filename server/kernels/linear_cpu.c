@@ -108,23 +108,31 @@ int linear_bf16(int64_t rows, int64_t in, int64_t out, const uint16_t *x, int64_
  * input's 64 weights are widened to fp32 once per tile of up to 4 rows: at 1-4 rows the step reads
  * half the bytes of bf16 (decode is memory-bound there); past that the widening costs more than it
  * saves, and the caller keeps bf16. */
-static void tile_int8(int64_t rows, int64_t in, int64_t outputs, const int8_t *wg, const float *scales,
-                      const float *bias, const uint16_t *x, int64_t x_stride, uint16_t *y, int64_t y_stride) {
-    __m512 acc[TILE_ROWS][4];
-    for (int r = 0; r < TILE_ROWS; r++)
-        for (int b = 0; b < 4; b++) acc[r][b] = _mm512_setzero_ps();
+/* rows (1..4, a constant where inlined) x 64 outputs over every input of one int8 group. */
+static inline __attribute__((always_inline)) void accumulate_int8(int rows, __m512 acc[TILE_ROWS][4], const int8_t *wg,
+                                                                  int64_t in, const uint16_t *x, int64_t x_stride) {
     for (int64_t i = 0; i < in; i++) {
         const int8_t *wi = wg + i * GROUP;
         __m512 w[4];
         for (int b = 0; b < 4; b++)
             w[b] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wi + 16 * b))));
         for (int r = 0; r < rows; r++) {
-            uint32_t bits = (uint32_t)x[r * x_stride + i] << 16;
-            float xv;
-            memcpy(&xv, &bits, sizeof xv);
-            __m512 xb = _mm512_set1_ps(xv);
+            __m512 xb = _mm512_castsi512_ps(_mm512_set1_epi32((int32_t)((uint32_t)x[r * x_stride + i] << 16)));
             for (int b = 0; b < 4; b++) acc[r][b] = _mm512_fmadd_ps(w[b], xb, acc[r][b]);
         }
+    }
+}
+
+static void tile_int8(int64_t rows, int64_t in, int64_t outputs, const int8_t *wg, const float *scales,
+                      const float *bias, const uint16_t *x, int64_t x_stride, uint16_t *y, int64_t y_stride) {
+    __m512 acc[TILE_ROWS][4];
+    for (int r = 0; r < TILE_ROWS; r++)
+        for (int b = 0; b < 4; b++) acc[r][b] = _mm512_setzero_ps();
+    switch (rows) {
+        case 1: accumulate_int8(1, acc, wg, in, x, x_stride); break;
+        case 2: accumulate_int8(2, acc, wg, in, x, x_stride); break;
+        case 3: accumulate_int8(3, acc, wg, in, x, x_stride); break;
+        default: accumulate_int8(4, acc, wg, in, x, x_stride);
     }
     for (int b = 0; b < 4; b++) {
         int64_t left = outputs - 16 * b;
