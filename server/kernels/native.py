@@ -474,9 +474,8 @@ class NormKernels:
 
 
 def _rope_agrees(kernels: NormKernels) -> bool:
-    """rope_store against server.model.rope.rotate and index_copy_, bit for bit."""
-    from server.model.rope import rotate
-
+    """rope_store against torch's rotate-half RoPE (as server/model/rope.py computes it) and
+    index_copy_, bit for bit."""
     generator = torch.Generator().manual_seed(0)
     tokens, heads, kv_heads, dim = 5, 6, 2, 16
     qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * dim + 8, generator=generator) * 3).to(torch.bfloat16)
@@ -485,7 +484,8 @@ def _rope_agrees(kernels: NormKernels) -> bool:
     cos, sin = angles.cos().to(torch.bfloat16), angles.sin().to(torch.bfloat16)
     slots = torch.tensor([7, 0, 3, 9, 4])
     shaped = qkv.reshape(tokens, heads + 2 * kv_heads, dim)
-    want_qk = rotate(shaped[:, : heads + kv_heads], cos, sin)
+    qk = shaped[:, : heads + kv_heads]
+    want_qk = qk * cos + torch.cat([-qk[..., dim // 2 :], qk[..., : dim // 2]], dim=-1) * sin
     want_k, want_v = (torch.zeros(10, kv_heads, dim, dtype=torch.bfloat16) for _ in range(2))
     want_k.index_copy_(0, slots, want_qk[:, heads:])
     want_v.index_copy_(0, slots, shaped[:, heads + kv_heads :])
