@@ -143,10 +143,12 @@ class RMSNorm(nn.Module):
         # one op: ATen normalises and scales in fp32 and rounds once
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
+    fusable = True  # norm_cpu.c computes this norm (w * x / rms(x), rounded once)
+
     def add_norm(self, x: torch.Tensor, delta: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + delta, its norm); delta None: (x, its norm). On bf16 CPU rows one pass of norm_cpu.c,
         which adds into x in place."""
-        kernels = norm_kernels() if x.is_cpu and x.dtype == torch.bfloat16 else None
+        kernels = norm_kernels() if self.fusable and x.is_cpu and x.dtype == torch.bfloat16 else None
         if kernels is not None and kernels.takes(x) and (delta is None or kernels.takes(delta)):
             return x, kernels.add_rms_norm(x, delta, self.weight, self.eps)
         x = x if delta is None else x + delta
@@ -157,12 +159,10 @@ class OnePlusRMSNorm(RMSNorm):
     """Gemma's (1 + w) * x / rms(x), all in fp32 and cast back once, as transformers computes it
     (its checkpoints store w around 0)."""
 
+    fusable = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + self.weight.float(), self.eps).to(x.dtype)
-
-    def add_norm(self, x: torch.Tensor, delta: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x if delta is None else x + delta
-        return x, self(x)
 
 
 def make_norm(kind: Norm, dim: int, eps: float) -> RMSNorm:
