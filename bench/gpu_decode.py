@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -33,6 +34,7 @@ from server.engine.kv_cache import KVCache  # noqa: E402
 from server.engine.request import Request, SamplingParams, StopCriteria  # noqa: E402
 from server.engine.runner import ModelRunner  # noqa: E402
 from server.engine.scheduler import BatchPlan, StepKind  # noqa: E402
+from server.kernels import elementwise, lora_triton  # noqa: E402
 from server.model.arch import ArchConfig  # noqa: E402
 from server.model.decoder import CausalLM, prefer_planless_attention  # noqa: E402
 
@@ -41,6 +43,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {  # HF config.json fields
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    "qwen3-8b": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                     rope_theta=1000000.0, max_position_embeddings=40960, rms_norm_eps=1e-6),
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0, max_position_embeddings=8192,
                          tie_word_embeddings=True),
@@ -61,16 +66,18 @@ class BenchConfig:
     steps: int
     warmup: int
     graphs: bool  # CUDA only: also time decode replayed from CUDA graphs
+    torch_ops: bool = False  # also time base steps with the fused elementwise kernels off (torch ops)
 
 
 @dataclass(frozen=True)
 class StepResult:
     batch: int
-    mode: str  # base | mixed
+    mode: str  # base | mixed | base-torch-ops (the fused elementwise kernels off)
     graphs: bool
     step_ms: float
     tokens_per_s: float
     floor_ms: float
+    replay_ms: Optional[float] = None  # graphs: the same step's graph replayed back to back (the GPU's time alone)
 
     @property
     def over_floor(self) -> float:
@@ -151,6 +158,17 @@ def run_decode(runner: ModelRunner, requests: list[Request], cfg: BenchConfig) -
     return (time.perf_counter() - started) / cfg.steps
 
 
+def replay_seconds(runner: ModelRunner, steps: int) -> float:
+    """The last replayed decode graph, back to back with no host work between: the GPU's time per step."""
+    graph = runner.graphs.last.graph
+    sync(runner.device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        graph.replay()
+    sync(runner.device)
+    return (time.perf_counter() - started) / steps
+
+
 def prefill(runner: ModelRunner, requests: list[Request], cfg: BenchConfig) -> None:
     runner.kv.ensure_capacity(cfg.context + cfg.warmup + cfg.steps + 1)
     for request in requests:  # one prefill each keeps the prefill budget out of the picture
@@ -193,20 +211,29 @@ def run(cfg: BenchConfig) -> dict:
     runners = {False: ModelRunner(model, kv, resident, device)}
     if cfg.graphs and device.type == "cuda":
         runners[True] = ModelRunner(model, kv, resident, device, DecodeGraphs(model, kv, resident, max(cfg.batches)))
+    plain = {graphed: ModelRunner(model, kv, resident, device, runner.graphs and DecodeGraphs(
+        model, kv, resident, max(cfg.batches))) for graphed, runner in runners.items()} if cfg.torch_ops else {}
     bandwidth = copy_bandwidth(device)
     results = []
     with torch.inference_mode():
         verified = verify_graphs(runners, model, adapters, cfg) if True in runners else None
         for batch in cfg.batches:
-            for (mode, mix), (graphed, runner) in itertools.product((("base", []), ("mixed", adapters)),
-                                                                    runners.items()):
+            arms = [*itertools.product((("base", []), ("mixed", adapters)), runners.items()),
+                    *((("base-torch-ops", []), item) for item in plain.items())]
+            for (mode, mix), (graphed, runner) in arms:
+                elementwise.ENABLED = mode != "base-torch-ops"  # (its own runner: graphs captured without them)
                 seconds = run_decode(runner, make_requests(batch, cfg.context, model.config.vocab_size, mix), cfg)
+                replay = replay_seconds(runner, cfg.steps) if graphed else None
+                elementwise.ENABLED = True
                 columns = min(batch, len(mix)) * cfg.rank
                 floor = floor_seconds(model, batch, cfg, bandwidth, columns)
-                results.append(StepResult(batch, mode, graphed, seconds * 1e3, batch / seconds, floor * 1e3))
+                results.append(StepResult(batch, mode, graphed, seconds * 1e3, batch / seconds, floor * 1e3,
+                                          replay and replay * 1e3))
                 engine = "graphs" if graphed else "eager"
-                print(f"batch {batch:3d} {mode:5s} {engine:6s}: {seconds * 1e3:8.2f} ms/step  {batch / seconds:9.1f} "
-                      f"tok/s  floor {floor * 1e3:7.2f} ms ({seconds / floor:.2f}x)", flush=True)
+                alone = f"; replayed alone {replay * 1e3:.2f} ms ({replay / floor:.2f}x)" if replay else ""
+                print(f"batch {batch:3d} {mode:14s} {engine:6s}: {seconds * 1e3:8.2f} ms/step  "
+                      f"{batch / seconds:9.1f} tok/s  floor {floor * 1e3:7.2f} ms ({seconds / floor:.2f}x){alone}",
+                      flush=True)
     return {**report(cfg, model, bandwidth, results), "graphs_vs_eager": verified}
 
 
@@ -253,18 +280,28 @@ def profile(cfg: BenchConfig) -> None:
     adapters = random_adapters(model, cfg.adapters, cfg.rank)
     for adapter in adapters:
         assert resident.activate(adapter, pinned=set())
-    runner = ModelRunner(model, kv, resident, device)
+    runners = {"eager": ModelRunner(model, kv, resident, device)}
+    if cfg.graphs and device.type == "cuda":
+        graphs = DecodeGraphs(model, kv, resident, max(cfg.batches))
+        runners["graphs"] = ModelRunner(model, kv, resident, device, graphs)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     order = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    for mode, mix in (("base", []), ("mixed", adapters)):
+    for (mode, mix), (engine, runner) in itertools.product((("base", []), ("mixed", adapters)), runners.items()):
         requests = make_requests(cfg.batches[0], cfg.context, model.config.vocab_size, mix)
         with torch.inference_mode():
             prefill(runner, requests, cfg)
             decode(runner, requests, cfg.warmup)
+            sync(device)
+            started = time.perf_counter()
             with torch_profile(activities=activities) as prof:
                 decode(runner, requests, cfg.steps)
-        print(f"--- {mode}, batch {cfg.batches[0]}, {cfg.steps} steps")
-        print(prof.key_averages().table(sort_by=order, row_limit=25))
+                sync(device)
+            wall = (time.perf_counter() - started) / cfg.steps
+        events = prof.key_averages()
+        kernels = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / cfg.steps
+        print(f"--- {mode}, {engine}, batch {cfg.batches[0]}, {cfg.steps} steps: {wall * 1e3:.2f} ms a step "
+              f"(profiled), kernels {kernels / 1e3:.2f} ms a step")
+        print(events.table(sort_by=order, row_limit=30))
 
 
 def report(cfg: BenchConfig, model: CausalLM, bandwidth: float, results: list[StepResult]) -> dict:
@@ -282,6 +319,7 @@ def report(cfg: BenchConfig, model: CausalLM, bandwidth: float, results: list[St
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "results": [{**asdict(r), "over_floor": r.over_floor} for r in results],
         "mixed_vs_base": mixed_vs_base,
+        "lora_kernels": {"target_programs": lora_triton.TARGET_PROGRAMS, "expand_block": lora_triton.EXPAND_BLOCK},
     }
 
 
@@ -304,11 +342,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=4)
     parser.add_argument("--no-graphs", dest="graphs", action="store_false", help="eager decode only")
+    parser.add_argument("--torch-ops", action="store_true",
+                        help="also time base steps with the fused elementwise kernels off (torch ops)")
+    parser.add_argument("--lora-target-programs", type=int, default=None,
+                        help="the LoRA shrink's program target (lora_triton.TARGET_PROGRAMS) for this run")
+    parser.add_argument("--lora-expand-block", type=int, default=None,
+                        help="the LoRA expand's output columns per program (lora_triton.EXPAND_BLOCK)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of the decode steps")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default: bench/results/...)")
     args = parser.parse_args(argv)
+    if args.lora_target_programs:
+        lora_triton.TARGET_PROGRAMS = args.lora_target_programs
+    if args.lora_expand_block:
+        lora_triton.EXPAND_BLOCK = args.lora_expand_block
     cfg = BenchConfig(args.shape, args.device, args.dtype, tuple(int(b) for b in args.batches.split(",")),
-                      args.adapters, args.rank, args.context, args.steps, args.warmup, args.graphs)
+                      args.adapters, args.rank, args.context, args.steps, args.warmup, args.graphs, args.torch_ops)
     if args.profile:
         profile(cfg)
         return {}

@@ -123,3 +123,18 @@ def reference_greedy(model_dir: Path, adapter_dir: Path | None, prompt_ids: list
     tokens = out.sequences[0, len(prompt_ids):].tolist()
     logprobs = [step.log_softmax(-1)[0, t].item() for step, t in zip(out.logits, tokens)]
     return tokens, logprobs
+
+
+def random_causal_lm(hf_config: dict[str, Any], device: torch.device):
+    """loraserve's own CausalLM for an HF config, its weights drawn N(0, 0.2) (seed 0), on `device`
+    (kernel tests that need a model but no reference checkpoint)."""
+    from server.model.arch import ArchConfig
+    from server.model.decoder import CausalLM
+
+    torch.manual_seed(0)
+    model = CausalLM(ArchConfig.from_hf(hf_config))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.init_rotaries(device)
+    return model.to(device).eval()

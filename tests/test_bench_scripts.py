@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench import gpu_decode, gpu_serve
+from bench import gpu_decode, gpu_lora_kernels, gpu_serve
 
 
 def test_gpu_decode_runs_on_cpu_with_a_tiny_model(tmp_path):
@@ -23,6 +23,21 @@ def test_gpu_decode_runs_on_cpu_with_a_tiny_model(tmp_path):
         assert row["step_ms"] > 0 and row["floor_ms"] > 0
         assert row["tokens_per_s"] == pytest.approx(row["batch"] * 1000 / row["step_ms"])
     assert saved["copy_bandwidth_gb_s"] > 0
+    torch_ops = gpu_decode.main(["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--batches", "2",
+                                 "--adapters", "2", "--rank", "4", "--context", "8", "--steps", "2", "--warmup", "1",
+                                 "--torch-ops", "--out", str(out)])
+    assert {r["mode"] for r in torch_ops["results"]} == {"base", "mixed", "base-torch-ops"}
+
+
+def test_the_lora_kernel_sweep_runs_interpreted(tmp_path):
+    pytest.importorskip("triton")
+    out = tmp_path / "sweep.json"
+    report = gpu_lora_kernels.main(["--device", "cpu", "--rows", "3", "--adapters", "2", "--layers", "1",
+                                    "--repeats", "1", "--targets", "256,2048", "--expand-blocks", "64",
+                                    "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert [(r["target_programs"], r["expand_block"]) for r in report["results"]] == [(256, 64), (2048, 64)]
+    assert all(r["us_per_layer"] > 0 for r in report["results"])
 
 
 def test_the_gpu_serving_run_works_cpu_sized(tmp_path):

@@ -154,7 +154,7 @@ def test_the_model_with_and_without_the_norm_kernels(loaded, monkeypatch):
     """The decoder's residual stream and MLP through norm_cpu.c, or through torch's ops: the same
     next tokens, logits within bf16's rounding growing through 30 layers."""
     from server.engine.kv_cache import KVCache
-    from server.model import decoder, layers
+    from server.kernels import elementwise
     from server.model.decoder import CausalLM, ForwardBatch
 
     model = CausalLM.from_pretrained(loaded.model_dir, torch.device("cpu"), torch.bfloat16)
@@ -170,8 +170,7 @@ def test_the_model_with_and_without_the_norm_kernels(loaded, monkeypatch):
             return model(batch, kv)
 
     fused = logits()
-    monkeypatch.setattr(layers, "norm_kernels", lambda: None)
-    monkeypatch.setattr(decoder, "norm_kernels", lambda: None)
+    monkeypatch.setattr(elementwise, "ENABLED", False)
     plain = logits()
     assert ((fused - plain).norm(dim=-1) / plain.norm(dim=-1)).max() < 0.06
     assert torch.equal(fused.argmax(-1), plain.argmax(-1))
@@ -242,7 +241,7 @@ def test_the_served_bf16_engine_with_and_without_the_cpu_kernels(monkeypatch):
     from server.config import Limits, ModelConfig, Settings
     from server.engine.builder import build_engine
     from server.engine.kv_cache import PagedKVCache
-    from server.model import decoder, layers
+    from server.kernels import elementwise
     from server.model.loader import load_model
     from tests.conftest import collect, greedy
 
@@ -262,8 +261,6 @@ def test_the_served_bf16_engine_with_and_without_the_cpu_kernels(monkeypatch):
             engine.engine.stop()
 
     fused = outputs()
-    monkeypatch.setattr(layers, "norm_kernels", lambda: None)
-    monkeypatch.setattr(decoder, "norm_kernels", lambda: None)
-    monkeypatch.setattr(PagedKVCache, "rotate_and_write", lambda *args: None)
+    monkeypatch.setattr(elementwise, "ENABLED", False)
     monkeypatch.setattr(sampler, "greedy_kernel", lambda: None)
     assert outputs() == fused

@@ -12,6 +12,7 @@ from server.adapters.lora import FP32_COSTS, LoraPlanner, ResidentAdapters, Sort
 from server.adapters.weights import AdapterKey, AdapterWeights
 from server.kernels import lora_triton
 from server.model.decoder import ForwardBatch
+from tests.model_factory import random_causal_lm
 from tests.test_lora_op import CASES, lora_reference, make_adapters, pack
 
 pytest.importorskip("triton")
@@ -130,6 +131,27 @@ def test_grouped_buffers_give_the_same_forward_pass_as_the_cpu_path(tiny_model):
     assert (logits[1] - model(prefill_batch([2, 3, 1, 2], None, model.config.vocab_size), NoCache())).abs().max() > 0.1
 
 
+def test_a_plan_run_again_keeps_every_projections_sums_in_one_buffer(tiny_model):
+    """From a plan's second pass (a decode graph's warm-up, capture and replays) the shrinks' sums
+    share one buffer zeroed once a pass: the same logits pass after pass."""
+    model = tiny_model
+    g = torch.Generator().manual_seed(30)
+    modules = {key: (torch.randn(8, t.in_features, generator=g) * 0.2,
+                     torch.randn(t.out_features, 8, generator=g) * 0.2) for key, t in model.lora_targets().items()}
+    adapter = AdapterWeights(AdapterKey("local", "sums"), 8, modules)
+    resident = ResidentAdapters(model, 0, 1 << 30)
+    resident.planner = planner(triton=True)
+    assert resident.activate(adapter, pinned=set())
+    lora = resident.batch_for([adapter, None, adapter], [2, 1, 3])
+    batch = prefill_batch([2, 1, 3], lora, model.config.vocab_size)
+    first = model(batch, NoCache())
+    assert lora.sums.buffer is None
+    for _ in range(2):
+        torch.testing.assert_close(model(batch, NoCache()), first, atol=1e-5, rtol=1e-5)
+        parts = sum(len(group) for group in model.lora_groups())  # (q, k, v), (o,), (gate, up), (down,) a layer
+        assert lora.sums.buffer is not None and lora.sums.cursor == lora.sums.buffer.numel() == parts * 6 * 16
+
+
 class NoCache:
     """A KV store for one prefill of fresh sequences: attention reads back what it just wrote."""
 
@@ -151,7 +173,7 @@ class NoCache:
     def decode_attention(self, layer, q, batch, window, scale):
         return None
 
-    def rotate_and_write(self, layer, qkv, cos, sin, heads, batch):
+    def rotate_and_write(self, layer, qkv, cos, sin, heads, batch, norms=None):
         return None
 
 
@@ -165,16 +187,19 @@ def prefill_batch(lens: list[int], lora, vocab: int) -> ForwardBatch:
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from server.model.arch import ArchConfig
-    from server.model.decoder import CausalLM
+    return random_causal_lm({"model_type": "llama", "hidden_size": 64, "intermediate_size": 96,
+                             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                             "vocab_size": 128, "max_position_embeddings": 256}, DEVICE)
 
-    arch = ArchConfig.from_hf({"model_type": "llama", "hidden_size": 64, "intermediate_size": 96,
-                               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                               "vocab_size": 128, "max_position_embeddings": 256})
-    torch.manual_seed(0)
-    model = CausalLM(arch)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    model.init_rotaries(DEVICE)
-    return model.to(DEVICE).eval()
+
+@pytest.mark.parametrize("lora, bucket, key", [
+    (None, 64, (0, 0)),
+    (SortedTiles((), (), None, 16, 16, 16), 64, (16, 16)),  # 16 adapters over 64 rows: 16 slots, not 64
+    (SortedTiles((), (), None, 32, 3, 3), 64, (32, 4)),  # at least 4
+    (SortedTiles((), (), None, 16, 17, 17), 64, (16, 32)),
+    (SortedTiles((), (), None, 16, 20, 20), 24, (16, 24)),  # never past the bucket
+])
+def test_a_decode_graph_launches_the_lora_tile_slots_its_mix_needs(lora, bucket, key):
+    from server.engine.cuda_graphs import DecodeGraphs
+
+    assert DecodeGraphs._lora_key(lora, bucket) == key

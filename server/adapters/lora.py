@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -61,6 +61,9 @@ class LoraBatch:
             if lora is not None:
                 self.add(y[:, start : start + size], x, lora.a, lora.b_t)
             start += size
+
+    def begin_pass(self) -> None:
+        """Called by the model at the start of each forward pass with this plan."""
 
     def token_columns(self) -> tuple[list[int], list[int]]:
         """Each token's first packed column and width (0: the base model)."""
@@ -168,6 +171,35 @@ class TokenColumns(LoraBatch):
         self.step(y, x, a, b_t)
 
 
+class PartialSums:
+    """The shrink's fp32 sums of every fused projection in a forward pass, zeroed by one memset at
+    the pass's start instead of one allocation and memset per projection (128 kernels of an 8B
+    model's graphed decode step). A plan's first pass counts what it needs; from its second (the
+    decode graphs' second warm-up, then the capture) one buffer holds them all."""
+
+    def __init__(self) -> None:
+        self.buffer: Optional[torch.Tensor] = None  # [sum of the passes' sizes] float32
+        self.device: Optional[torch.device] = None
+        self.sizes: list[int] = []  # this pass's requests so far
+        self.cursor = 0
+
+    def begin(self) -> None:
+        if self.buffer is None and self.sizes:
+            self.buffer = torch.zeros(sum(self.sizes), dtype=torch.float32, device=self.device)
+        elif self.buffer is not None:
+            self.buffer.zero_()
+        self.sizes, self.cursor = [], 0
+
+    def take(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """A zeroed fp32 tensor of `shape` for one projection's sums."""
+        self.device, size = device, shape[0] * shape[1] * shape[2]
+        self.sizes.append(size)
+        if self.buffer is None or self.cursor + size > self.buffer.numel():
+            return torch.zeros(shape, dtype=torch.float32, device=device)
+        self.cursor += size
+        return self.buffer[self.cursor - size : self.cursor].view(shape)
+
+
 @dataclass(frozen=True)
 class SortedTiles(LoraBatch):
     """The tokens sorted by adapter into tiles of up to 16 tokens of one adapter, each tile one
@@ -178,9 +210,19 @@ class SortedTiles(LoraBatch):
 
     columns: Optional[torch.Tensor] = None  # [5, tokens] int32 on the device: the order, then the 4 tile rows
     rank_tile: int = 16  # >= every width, a power of two (the kernels' tile)
+    tile_slots: int = 0  # tiles the kernels launch for (the first ones; 0: one per token), >= those used
+    tiles_used: int = 0
+    sums: PartialSums = field(default_factory=PartialSums, compare=False)
+
+    @property
+    def tiles(self) -> torch.Tensor:  # [4, tile slots]
+        return self.columns[1:, : self.tile_slots or None]
+
+    def begin_pass(self) -> None:
+        self.sums.begin()
 
     def add(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
-        add_lora(y, x, a.unsqueeze(1), b_t, (b_t.shape[1],), self.columns[0], self.columns[1:], self.rank_tile)
+        add_lora(y, x, a.unsqueeze(1), b_t, (b_t.shape[1],), self.columns[0], self.tiles, self.rank_tile)
 
     def add_parts(self, y: torch.Tensor, x: torch.Tensor, parts: Sequence[Optional["PackedLora"]],
                   sizes: Sequence[int]) -> None:
@@ -188,7 +230,8 @@ class SortedTiles(LoraBatch):
         if group is None:  # buffers made part by part (not by this tier on CUDA)
             super().add_parts(y, x, parts, sizes)
             return
-        add_lora(y, x, group.a, group.b_t, tuple(sizes), self.columns[0], self.columns[1:], self.rank_tile)
+        partial = self.sums.take((x.shape[0], group.a.shape[1], self.rank_tile), x.device)
+        add_lora(y, x, group.a, group.b_t, tuple(sizes), self.columns[0], self.tiles, self.rank_tile, partial)
 
 
 @dataclass(frozen=True)
@@ -302,7 +345,8 @@ class LoraPlanner:
         lo, width = LoraBatch(ranges, query_lens).token_columns()
         order, tiles = plan_tiles(lo, width, max_tiles=len(lo))
         columns = torch.tensor([order, *tiles], dtype=torch.int32).to(self.device, non_blocking=True)
-        return SortedTiles(ranges, query_lens, columns, rank_block(max(width)))
+        used = sum(1 for w in tiles[3] if w > 0)
+        return SortedTiles(ranges, query_lens, columns, rank_block(max(width)), max(used, 1), used)
 
     def _token_columns(self, ranges: Ranges, query_lens: tuple[int, ...]) -> TokenColumns:
         lo, width = LoraBatch(ranges, query_lens).token_columns()

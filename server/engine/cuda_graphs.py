@@ -24,6 +24,7 @@ from server.model.decoder import CausalLM, ForwardBatch
 log = logging.getLogger(__name__)
 
 _BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+MIN_TILE_SLOTS = 4  # the fewest LoRA tile slots a graph launches (fewer graphs for small mixes)
 
 
 @dataclass
@@ -40,7 +41,8 @@ class DecodeGraphs:
     def __init__(self, model: CausalLM, kv: KVCache, adapters: ResidentAdapters, max_batch: int) -> None:
         self.model, self.kv, self.adapters = model, kv, adapters
         self.buckets = tuple(b for b in _BUCKETS if b < min(max_batch, kv.max_slots)) + (min(max_batch, kv.max_slots),)
-        self.steps: dict[tuple[int, bool], GraphedStep] = {}
+        self.steps: dict[tuple[int, int, int], GraphedStep] = {}  # (bucket, LoRA tile, tile slots) -> graph
+        self.last: Optional[GraphedStep] = None  # the step replayed last (bench/gpu_decode.py times it alone)
         self.pool = torch.cuda.graph_pool_handle()
         self._shapes = (-1, -1)  # (KV capacity, packed LoRA columns) the graphs were captured for
 
@@ -54,34 +56,41 @@ class DecodeGraphs:
             self.pool = torch.cuda.graph_pool_handle()  # the old pool dies with its last graph
             self._shapes = (self.kv.capacity, self.adapters.capacity)
         bucket = next(b for b in self.buckets if b >= seqs)
-        key = (bucket, self._lora_tile(batch.lora))
+        key = (bucket, *self._lora_key(batch.lora, bucket))
         step = self.steps.get(key)
         if step is None:
-            step = self._capture(bucket, key[1], batch, seqs)
+            step = self._capture(key, batch, seqs)
         else:
             self._fill(step, batch, seqs)
         step.graph.replay()
+        self.last = step
         return step.logits[:seqs]
 
-    def _lora_tile(self, lora: Optional[LoraBatch]) -> int:
-        """Part of a graph's key: 0 without LoRA; the Triton kernels' rank tile (1 for the window)."""
+    @staticmethod
+    def _lora_key(lora: Optional[LoraBatch], bucket: int) -> tuple[int, int]:
+        """The LoRA part of a graph's key: (0, 0) without LoRA, (1, 0) for the masked window; for the
+        Triton kernels their rank tile and tile slots: the step's tiles rounded up to a power of two
+        (at least 4), as every slot is launched (16 adapters over 64 rows: 16 slots, not 64)."""
         if lora is None:
-            return 0
-        return lora.rank_tile if isinstance(lora, SortedTiles) else 1
+            return 0, 0
+        if not isinstance(lora, SortedTiles):
+            return 1, 0
+        return lora.rank_tile, min(bucket, max(MIN_TILE_SLOTS, 1 << (max(lora.tiles_used, 1) - 1).bit_length()))
 
-    def _static_lora(self, bucket: int, tile: int) -> tuple[Optional[LoraBatch], Optional[torch.Tensor]]:
+    def _static_lora(self, bucket: int, tile: int, slots: int) -> tuple[Optional[LoraBatch], Optional[torch.Tensor]]:
         """The LoRA plan a graph captures, over static buffers: rows' columns, or a window's mask."""
         device = self.kv.device
         if tile == 0:
             return None, None
         if tile > 1:
-            return SortedTiles((), (), torch.zeros(5, bucket, dtype=torch.int32, device=device), tile), None
+            columns = torch.zeros(5, bucket, dtype=torch.int32, device=device)
+            return SortedTiles((), (), columns, tile, slots), None
         mask = torch.zeros(bucket, self.adapters.capacity, device=device, dtype=self.kv.dtype)
         return MaskedWindow((), (), 0, self.adapters.capacity, mask), mask
 
-    def _static_batch(self, bucket: int, tile: int) -> tuple[ForwardBatch, Optional[torch.Tensor]]:
+    def _static_batch(self, bucket: int, tile: int, slots: int) -> tuple[ForwardBatch, Optional[torch.Tensor]]:
         device = self.kv.device
-        lora, mask = self._static_lora(bucket, tile)
+        lora, mask = self._static_lora(bucket, tile, slots)
         batch = ForwardBatch(
             input_ids=torch.zeros(bucket, dtype=torch.long, device=device),
             positions=torch.zeros(bucket, dtype=torch.long, device=device),
@@ -96,10 +105,11 @@ class DecodeGraphs:
         )
         return batch, mask
 
-    def _capture(self, bucket: int, tile: int, batch: ForwardBatch, seqs: int) -> GraphedStep:
+    def _capture(self, key: tuple[int, int, int], batch: ForwardBatch, seqs: int) -> GraphedStep:
         """Capture with this step's own rows in the buffers: the warm-up passes really run, and so
         write exactly the KV entries this step's replay writes (padding rows: free slots only)."""
-        step = GraphedStep(*self._static_batch(bucket, tile))
+        bucket, tile, slots = key
+        step = GraphedStep(*self._static_batch(bucket, tile, slots))
         self._fill(step, batch, seqs)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -111,8 +121,8 @@ class DecodeGraphs:
         with torch.cuda.graph(step.graph, pool=self.pool, capture_error_mode="thread_local"):
             step.logits = self.model(step.batch, self.kv)
         log.info("captured a decode CUDA graph: %d rows, LoRA %s, KV capacity %d", bucket,
-                 {0: "none", 1: "masked window"}.get(tile, f"rank tile {tile}"), self.kv.capacity)
-        self.steps[(bucket, tile)] = step
+                 {0: "none", 1: "masked window"}.get(tile, f"rank tile {tile}, {slots} tile slots"), self.kv.capacity)
+        self.steps[key] = step
         return step
 
     @staticmethod

@@ -19,9 +19,11 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from server.kernels.native import MAX_DIM, MAX_GROUP, attention_kernel, norm_kernels
+from server.kernels.elementwise import fused_kernels
+from server.kernels.native import MAX_DIM, MAX_GROUP, attention_kernel
 from server.metrics import PREFIX_HIT_TOKENS, PREFIX_LOOKUP_TOKENS
 from server.model.arch import ArchConfig
+from server.model.attention import HeadNorms
 
 _GROWTH_QUANTUM = 256  # tokens; dense capacity grows in these steps to bound re-allocations
 
@@ -145,13 +147,27 @@ class KVCache:
 
     def decode_attention(self, layer: int, q: torch.Tensor, batch: Any, window: Optional[int],
                          scale: float) -> Optional[torch.Tensor]:
-        """No fused path here: attention reads decode_kv."""
-        return None
+        """The decoding rows' attention [rows, heads, head_dim] where a kernel reads dense caches in
+        place (Triton, CUDA: each row's own positions only, graphed or not); None elsewhere:
+        attention reads decode_kv under a mask."""
+        kernels = fused_kernels(q)
+        if kernels is None or not kernels.supports_dense:
+            return None
+        k_cache, v_cache = self.layer(layer)
+        rows = batch.num_decode_rows
+        return kernels.decode_attention(q, k_cache, v_cache, batch.slots[:rows], batch.kv_lens, window, scale)
 
     def rotate_and_write(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
-                         batch: Any) -> Optional[torch.Tensor]:
-        """No fused path here: the model rotates, then calls write."""
-        return None
+                         batch: Any, norms: Optional[HeadNorms] = None) -> Optional[torch.Tensor]:
+        """Decode steps where a kernel takes dense caches (Triton, CUDA): q and k normed (`norms`, where
+        given) and rotated in place in the fused projection's rows and k, v written in one pass;
+        returns q [tokens, heads, head_dim]. None elsewhere: the model rotates, then calls write."""
+        kernels = fused_kernels(qkv) if batch.is_decode else None
+        if kernels is None or not kernels.supports_dense:
+            return None
+        k_cache, v_cache = self.layer(layer)
+        return kernels.rope_store(qkv, heads, self.arch.num_kv_heads, cos, sin, k_cache, v_cache, batch.slots,
+                                  batch.positions, norms)
 
     def decode_kv(self, layer: int, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [rows, kv_heads, attend_len, head_dim] of the batch's decoding rows."""
@@ -289,7 +305,6 @@ class PagedKVCache:
         fits = arch.head_dim <= MAX_DIM and arch.num_heads // arch.num_kv_heads <= MAX_GROUP
         cpu = device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
         self._attend = attention_kernel() if cpu and fits else None  # CPU decode rows read in place
-        self._rope = norm_kernels() if cpu and dtype == torch.bfloat16 else None  # RoPE + K/V writes in one pass
 
     @classmethod
     def sized(cls, arch: ArchConfig, memory_bytes: int, block_size: int, device: torch.device,
@@ -497,15 +512,17 @@ class PagedKVCache:
         v_cache.index_copy_(0, batch.kv_index.slot_mapping, v)
 
     def rotate_and_write(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
-                         batch: Any) -> Optional[torch.Tensor]:
-        """bf16 on CPU: q and k of the fused projection's rows [tokens, (heads + 2 kv_heads) * dim]
-        rotated in place and k, v written, in one pass of norm_cpu.c (instead of ~10 torch ops a
-        layer); returns q [tokens, heads, dim], or None where the kernel does not take these."""
-        if self._rope is None:
+                         batch: Any, norms: Optional[HeadNorms] = None) -> Optional[torch.Tensor]:
+        """q and k of the fused projection's rows [tokens, (heads + 2 kv_heads) * dim] normed (`norms`,
+        where given) and rotated in place and k, v written, in one pass of a fused kernel (norm_cpu.c
+        on bf16 CPU rows, Triton on CUDA) instead of ~10 torch ops a layer; returns q [tokens,
+        heads, dim], or None where no kernel takes these."""
+        kernels = fused_kernels(qkv)
+        if kernels is None or (norms is not None and not kernels.supports_head_norms):
             return None
         k_cache, v_cache = self.layer(layer)
-        return self._rope.rope_store(qkv, heads, self.arch.num_kv_heads, cos, sin, k_cache, v_cache,
-                                     batch.kv_index.slot_mapping)
+        return kernels.rope_store(qkv, heads, self.arch.num_kv_heads, cos, sin, k_cache, v_cache,
+                                  batch.kv_index.slot_mapping, norms=norms)
 
     def decode_attention(self, layer: int, q: torch.Tensor, batch: Any, window: Optional[int],
                          scale: float) -> Optional[torch.Tensor]:

@@ -82,18 +82,21 @@ def plan_tiles(lo: Sequence[int], width: Sequence[int], max_tiles: int) -> tuple
 
 
 def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor, part_sizes: tuple[int, ...],
-             order: torch.Tensor, tiles: torch.Tensor, rank_tile: int) -> None:
+             order: torch.Tensor, tiles: torch.Tensor, rank_tile: int,
+             partial: Optional[torch.Tensor] = None) -> None:
     """y [tokens, sum(part_sizes)] += each token's LoRA delta over every part.
 
     x: [tokens, in] (rows may be strided); a: [cols, parts, in] and b_t: [cols, sum(part_sizes)],
-    contiguous; order [tokens] and tiles [4, max_tiles], int32 on the device (plan_tiles);
-    rank_tile >= every width (a power of two)."""
+    contiguous; order [tokens] and tiles [4, tile slots] (rows may be strided), int32 on the device
+    (plan_tiles; a launch covers every slot, so a decode graph keeps only as many as its mixes need);
+    rank_tile >= every width (a power of two); partial: zeroed fp32 [tokens, parts, rank_tile] for
+    the shrink's sums (None: allocated here)."""
     shrink, expand = triton_kernels()
     tokens, in_features = x.shape
     parts, out_features = a.shape[1], b_t.shape[1]
     if tokens == 0:
         return
-    if x.stride(1) != 1 or y.stride(1) != 1 or not a.is_contiguous() or not b_t.is_contiguous():
+    if x.stride(1) != 1 or y.stride(1) != 1 or not a.is_contiguous() or not b_t.is_contiguous() or tiles.stride(1) != 1:
         raise ValueError("add_lora: x and y need unit column strides, a and b_t contiguous")
     if parts > MAX_PARTS or len(part_sizes) != parts or sum(part_sizes) != out_features or y.shape[1] != out_features:
         raise ValueError(f"add_lora: parts {part_sizes} do not match a {tuple(a.shape)}, b_t {tuple(b_t.shape)}")
@@ -102,13 +105,14 @@ def add_lora(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tenso
     per_split = -(-in_features // (splits * SHRINK_BLOCK)) * SHRINK_BLOCK
     splits = -(-in_features // per_split)  # (rounding per_split up may leave fewer pieces)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"  # (fp32 stays fp32; bf16 products are exact)
-    partial = torch.zeros(tokens, parts, rank_tile, device=x.device, dtype=torch.float32)  # the splits add up here
-    shrink[(max_tiles, parts, splits)](x, x.stride(0), a, order, tiles, partial, max_tiles, in_features, per_split,
-                                       PARTS=parts, RANK=rank_tile, TILE=TILE, BLOCK=SHRINK_BLOCK,
+    if partial is None:  # the splits add up here
+        partial = torch.zeros(tokens, parts, rank_tile, device=x.device, dtype=torch.float32)
+    shrink[(max_tiles, parts, splits)](x, x.stride(0), a, order, tiles, partial, tiles.stride(0), in_features,
+                                       per_split, PARTS=parts, RANK=rank_tile, TILE=TILE, BLOCK=SHRINK_BLOCK,
                                        PRECISION=precision)
     ends = [sum(part_sizes[: i + 1]) for i in range(parts)] + [out_features] * (MAX_PARTS - parts)
     expand[(max_tiles, -(-out_features // EXPAND_BLOCK))](
-        y, y.stride(0), b_t, order, tiles, partial, max_tiles, out_features, ends[0], ends[1],
+        y, y.stride(0), b_t, order, tiles, partial, tiles.stride(0), out_features, ends[0], ends[1],
         PARTS=parts, RANK=rank_tile, TILE=TILE, BLOCK=EXPAND_BLOCK, PRECISION=precision)
 
 

@@ -9,24 +9,24 @@ import triton.language as tl
 
 
 @triton.jit
-def _tile(tiles_ptr, g, max_tiles):
-    """(start, count, lo, width) of tile g (tiles: [4, max_tiles] int32)."""
+def _tile(tiles_ptr, g, tiles_stride):
+    """(start, count, lo, width) of tile g (tiles: [4, tile slots] int32, rows tiles_stride apart)."""
     start = tl.load(tiles_ptr + g)
-    count = tl.load(tiles_ptr + max_tiles + g)
-    lo = tl.load(tiles_ptr + 2 * max_tiles + g).to(tl.int64)
-    width = tl.load(tiles_ptr + 3 * max_tiles + g)
+    count = tl.load(tiles_ptr + tiles_stride + g)
+    lo = tl.load(tiles_ptr + 2 * tiles_stride + g).to(tl.int64)
+    width = tl.load(tiles_ptr + 3 * tiles_stride + g)
     return start, count, lo, width
 
 
 # Sizes that change from step to step are not specialised on (a new value would compile again).
-@triton.jit(do_not_specialize=["max_tiles", "per_split"])
-def shrink(x_ptr, x_stride, a_ptr, order_ptr, tiles_ptr, out_ptr, max_tiles, in_features, per_split,
+@triton.jit(do_not_specialize=["tiles_stride", "per_split"])
+def shrink(x_ptr, x_stride, a_ptr, order_ptr, tiles_ptr, out_ptr, tiles_stride, in_features, per_split,
            PARTS: tl.constexpr, RANK: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
            PRECISION: tl.constexpr):
     """out[row, p, :] += x[row, split s] @ A[lo : lo + width, p, split s]^T for the tile's rows (the
     splits add up in `out`, zeroed before)."""
     g, p, s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    start, count, lo, width = _tile(tiles_ptr, g, max_tiles)
+    start, count, lo, width = _tile(tiles_ptr, g, tiles_stride)
     if width > 0:
         m = tl.arange(0, TILE)
         rows = tl.load(order_ptr + start + m, mask=m < count, other=0).to(tl.int64)
@@ -52,13 +52,13 @@ def _part_rows(part_ptr, rows, row_mask, p, width, PARTS: tl.constexpr, RANK: tl
                    mask=row_mask[:, None] & (r < width)[None, :], other=0.0)
 
 
-@triton.jit(do_not_specialize=["max_tiles", "first_end", "second_end"])
-def expand(y_ptr, y_stride, b_ptr, order_ptr, tiles_ptr, part_ptr, max_tiles, out_features, first_end,
+@triton.jit(do_not_specialize=["tiles_stride", "first_end", "second_end"])
+def expand(y_ptr, y_stride, b_ptr, order_ptr, tiles_ptr, part_ptr, tiles_stride, out_features, first_end,
            second_end, PARTS: tl.constexpr, RANK: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr,
            PRECISION: tl.constexpr):
     """y[row, n] += (x[row] @ A_part(n)^T) @ B^T[lo : lo + width, n] for the tile's rows."""
     g, block = tl.program_id(0), tl.program_id(1)
-    start, count, lo, width = _tile(tiles_ptr, g, max_tiles)
+    start, count, lo, width = _tile(tiles_ptr, g, tiles_stride)
     if width > 0:
         m = tl.arange(0, TILE)
         row_mask = m < count

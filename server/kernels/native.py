@@ -450,11 +450,17 @@ class NormKernels:
         return out
 
 
+    supports_dense = False  # rope_store: paged caches only, and no q/k norms
+    supports_head_norms = False
+
     def rope_store(self, qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   positions: None = None, norms: None = None) -> torch.Tensor:
         """qkv [tokens, (heads + 2 kv_heads) * dim] bf16: q and k rotated in place (cos, sin [tokens,
         1, dim]), k and v written to slot_mapping's slots of k_cache and v_cache [slots, kv_heads,
         dim]. Returns q, a [tokens, heads, dim] view of qkv."""
+        if positions is not None or norms is not None:
+            raise ValueError("rope_store: norm_cpu.c writes paged caches and has no q/k norms")
         tokens, dim = qkv.shape[0], k_cache.shape[-1] if k_cache.dim() == 3 else 0
         ok = (self.takes(qkv) and dim > 0 and dim % 2 == 0 and qkv.shape[1] == (heads + 2 * kv_heads) * dim
               and all(t.is_cpu and t.dtype == torch.bfloat16 and t.is_contiguous() and t.shape == (tokens, 1, dim)

@@ -17,6 +17,7 @@ from server.model.arch import ArchConfig
 from server.model.layers import LoraTarget, Projection, RMSNorm, make_norm
 from server.model.rope import rotate
 
+HeadNorms = tuple[torch.Tensor, torch.Tensor, float]  # q_norm and k_norm weights [head_dim], eps (Qwen3)
 Window = Optional[int]  # sliding-window size in keys (the query's own included), None: the whole context
 
 
@@ -33,7 +34,7 @@ class KVStore(Protocol):
     def prefill_kv(self, layer: int, batch: Any, seq: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def rotate_and_write(self, layer: int, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
-                         batch: Any) -> Optional[torch.Tensor]: ...
+                         batch: Any, norms: Optional[HeadNorms]) -> Optional[torch.Tensor]: ...
 
 
 @dataclass
@@ -134,9 +135,10 @@ class Attention(nn.Module):
         (likewise) and v written to the cache."""
         qkv = self.qkv_proj(x, step.batch)
         cos, sin = step.rope[self.rope_key]
-        if self.q_norm is None and cos.shape[-1] == self.head_dim:  # (the store may do both in one pass)
-            q = step.kv.rotate_and_write(self.layer_index, qkv, cos, sin, self.num_heads, step.batch)
-            if q is not None:
+        if cos.shape[-1] == self.head_dim and (self.q_norm is None or self.q_norm.fusable):
+            norms = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+            q = step.kv.rotate_and_write(self.layer_index, qkv, cos, sin, self.num_heads, step.batch, norms)
+            if q is not None:  # (the store did norms, RoPE and its writes in one pass)
                 return q
         q, k, v = self._qkv(qkv, cos, sin)
         step.kv.write(self.layer_index, k, v, step.batch)

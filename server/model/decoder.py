@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.kernels.native import norm_kernels
+from server.kernels.elementwise import fused_kernels
 from server.model.arch import ArchConfig
 from server.model.attention import Attention, KVStore, StepTensors, Window, decode_masks, prefill_masks
 from server.model.checkpoint import load_weights
@@ -80,7 +80,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         gate_up = self.gate_up_proj(x, batch)
-        kernels = norm_kernels() if self.act is F.silu and gate_up.is_cpu and gate_up.dtype == torch.bfloat16 else None
+        kernels = fused_kernels(gate_up) if self.act is F.silu else None
         if kernels is not None and kernels.takes(gate_up):  # silu(gate) * up in one pass
             return self.down_proj(kernels.silu_mul(gate_up), batch)
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
@@ -188,6 +188,8 @@ class CausalLM(nn.Module):
 
     def forward(self, batch: ForwardBatch, kv: KVStore) -> torch.Tensor:
         h = self.model.embed(batch.input_ids)  # [tokens, hidden]
+        if batch.lora is not None:
+            batch.lora.begin_pass()
         step = self.step_tensors(batch, kv, h.dtype)
         stream = Residual(h)
         for layer in self.model.layers:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.kernels.native import BlockedInt8, BlockedWeight, linear_kernel, norm_kernels
+from server.kernels.elementwise import fused_kernels
+from server.kernels.native import BlockedInt8, BlockedWeight, linear_kernel
 from server.model.arch import Norm
 
 
@@ -143,12 +144,12 @@ class RMSNorm(nn.Module):
         # one op: ATen normalises and scales in fp32 and rounds once
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
-    fusable = True  # norm_cpu.c computes this norm (w * x / rms(x), rounded once)
+    fusable = True  # the fused kernels compute this norm (w * x / rms(x), rounded once)
 
     def add_norm(self, x: torch.Tensor, delta: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + delta, its norm); delta None: (x, its norm). On bf16 CPU rows one pass of norm_cpu.c,
-        which adds into x in place."""
-        kernels = norm_kernels() if self.fusable and x.is_cpu and x.dtype == torch.bfloat16 else None
+        """(x + delta, its norm); delta None: (x, its norm). One pass of a fused kernel where there is
+        one (norm_cpu.c on bf16 CPU rows, Triton on CUDA), which adds into x in place."""
+        kernels = fused_kernels(x) if self.fusable else None
         if kernels is not None and kernels.takes(x) and (delta is None or kernels.takes(delta)):
             return x, kernels.add_rms_norm(x, delta, self.weight, self.eps)
         x = x if delta is None else x + delta
