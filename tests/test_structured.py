@@ -142,6 +142,22 @@ def test_grammar_edge_cases_the_weaker_engines_got_wrong(loaded, schema, good, b
     assert accepts(good) and not accepts(bad)
 
 
+def test_each_request_gets_its_own_copy_of_a_constraint_compiled_once(loaded):
+    """A burst of requests with one schema: compiled once, every guide then a fresh copy (advancing
+    one leaves the others, and later ones, at the start)."""
+    factory = GuideFactory(loaded.tokenizer, loaded.eos_token_ids)
+    constraint = Constraint.json_schema({"type": "object", "properties": {"n": {"type": "integer"}},
+                                         "required": ["n"]})
+    first, second = (factory.guide_for(constraint).result() for _ in range(2))
+    for token in loaded.tokenizer('{"n": 4}', add_special_tokens=False)["input_ids"]:
+        first.advance(token)
+    third = factory.guide_for(constraint).result()
+    assert first.matcher.is_accepting() and not second.matcher.is_accepting() and not third.matcher.is_accepting()
+    assert len(factory.compile_seconds) == 1
+    bad_start = loaded.tokenizer("x", add_special_tokens=False)["input_ids"]
+    assert second.matcher.try_consume_tokens(bad_start) == 0
+
+
 def test_a_schema_that_cannot_compile_is_422_with_the_reason(client, server):
     broken = {"type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}
     r = client.post("/generate", json={"inputs": "x", "parameters": {"response_format": {
