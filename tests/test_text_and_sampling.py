@@ -3,21 +3,35 @@
 import pytest
 import torch
 
-from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.detokenizer import BackendDecoder, IncrementalDetokenizer, text_decoder
 from server.engine.engine import _matches_stop
 from server.engine.request import SamplingParams
 from server.engine.sampler import apply_penalties, warp
 
 
 @pytest.mark.parametrize("text", ["Héllo wörld", "naïve café ☕ 日本語のテキスト 🚀🎉", " leading space", "a\n\nb  c"])
-def test_incremental_text_equals_full_decode_and_never_splits_utf8(loaded, text):
+@pytest.mark.parametrize("backend", [False, True])
+def test_incremental_text_equals_full_decode_and_never_splits_utf8(loaded, text, backend):
     tok = loaded.tokenizer
     prompt = tok("Say:")["input_ids"]
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    detok = IncrementalDetokenizer(tok, prompt, loaded.special_token_ids)
+    decoder = text_decoder(tok) if backend else tok
+    assert isinstance(decoder, BackendDecoder) == backend  # (the default model's BPE: no clean-up)
+    detok = IncrementalDetokenizer(decoder, prompt, loaded.special_token_ids)
     deltas = [detok.add(i) for i in ids]
     assert "".join(deltas) == tok.decode(ids) == detok.text
     assert all("\ufffd" not in d for d in deltas)
+
+
+def test_the_backend_decoder_returns_what_transformers_decode_does(loaded):
+    """Over random ids, special ones among them, with and without skipping those."""
+    tok, decoder = loaded.tokenizer, text_decoder(loaded.tokenizer)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        ids = torch.randint(0, len(tok), (int(torch.randint(1, 12, (1,), generator=g)),), generator=g).tolist()
+        ids[0] = sorted(loaded.special_token_ids)[0] if ids[0] % 5 == 0 else ids[0]
+        for skip in (True, False):
+            assert decoder.decode(ids, skip_special_tokens=skip) == tok.decode(ids, skip_special_tokens=skip)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import AsyncIterator, Optional
@@ -19,7 +21,7 @@ from server.adapters.merge import MergeSpec
 from server.adapters.store import AdapterStore
 from server.adapters.weights import AdapterKey, AdapterWeights
 from server.config import Limits
-from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.detokenizer import IncrementalDetokenizer, text_decoder
 from server.engine.engine import Engine
 from server.engine.request import (
     FinishReason,
@@ -105,6 +107,7 @@ class AsyncEngine:
     def __init__(self, engine: Engine, loaded: LoadedModel, limits: Limits, store: AdapterStore,
                  guides: GuideFactory) -> None:
         self.engine, self.loaded, self.limits, self.store, self.guides = engine, loaded, limits, store, guides
+        self._decoder = text_decoder(loaded.tokenizer)  # (decodes each token's text on the engine thread)
         self._in_flight: set[Request] = set()
         self._preparing = 0  # admitted, still awaiting an adapter load or a schema compile
         self._arriving_cold = 0  # of those, the ones whose adapter was not loaded yet
@@ -164,8 +167,8 @@ class AsyncEngine:
             prompt_ids=prompt_ids,
             params=inp.params,
             stop=StopCriteria(max_new, inp.stop_sequences, inp.ignore_eos),
-            detokenizer=IncrementalDetokenizer(self.loaded.tokenizer, prompt_ids, self.loaded.special_token_ids),
-            sink=_threadsafe_sink(loop, events),
+            detokenizer=IncrementalDetokenizer(self._decoder, prompt_ids, self.loaded.special_token_ids),
+            sink=_threadsafe_sink(_mailbox(loop), events),
             adapter=adapter,
             processors=list(inp.processors),
             options=inp.options,
@@ -261,12 +264,51 @@ async def _shielded(future: Future):
     return await asyncio.shield(asyncio.wrap_future(future))
 
 
-def _threadsafe_sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+class Mailbox:
+    """Events from the engine thread to one event loop's requests, handed over in bursts: the first
+    event since the loop last emptied the box wakes it (one `call_soon_threadsafe`, whose write to
+    the loop's self-pipe is a syscall), the rest of a step's events join that delivery. One wake-up
+    per token of every stream cost the engine thread ~14 us each, 10 of them the syscall: ~0.9 ms of
+    host work a step at 64 streams, with the GPU idle (cProfile of the engine thread)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._pending: list[tuple[asyncio.Queue, RequestEvent]] = []
+        self._lock = threading.Lock()
+
+    def post(self, events: asyncio.Queue, event: RequestEvent) -> None:
+        with self._lock:
+            self._pending.append((events, event))
+            wake = len(self._pending) == 1
+        if wake:
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                with self._lock:
+                    self._pending.clear()
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for events, event in pending:
+            events.put_nowait(event)
+
+
+_MAILBOXES: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Mailbox]" = weakref.WeakKeyDictionary()
+_MAILBOXES_LOCK = threading.Lock()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> Mailbox:
+    with _MAILBOXES_LOCK:
+        box = _MAILBOXES.get(loop)
+        if box is None:
+            box = _MAILBOXES[loop] = Mailbox(loop)
+        return box
+
+
+def _threadsafe_sink(mailbox: Mailbox, events: asyncio.Queue):
     def sink(event: RequestEvent) -> None:
-        try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
+        mailbox.post(events, event)
 
     return sink
 

@@ -6,13 +6,39 @@ completes the character. Decoding always starts a few tokens back so leading spa
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 _PREFIX_TOKENS = 6  # prompt tokens decoded before the first new one, to keep its leading space
 
 
 class TextTokenizer(Protocol):
     def decode(self, ids: list[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+class BackendDecoder:
+    """A fast tokenizer's own Rust decoder, called directly: the text transformers' `decode` returns
+    where it post-processes nothing, for ~1 us a call against ~6.5 us through its wrapper (two calls
+    a token: ~11 us of the engine thread's host work per token, 0.7 ms a step at 64 streams)."""
+
+    def __init__(self, backend: Any) -> None:
+        self._decode = backend.decode
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def text_decoder(tokenizer: Any) -> TextTokenizer:
+    """The tokenizer's backend decoder where transformers' decode would return its text unchanged
+    (no clean-up of tokenization spaces, which transformers skips for BPE models anyway), else the
+    tokenizer itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer
+    cleans = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+    if cleans and (type(backend.model).__name__ != "BPE" or getattr(
+            tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)):
+        return tokenizer
+    return BackendDecoder(backend)
 
 
 class IncrementalDetokenizer:
