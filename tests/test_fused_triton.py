@@ -128,6 +128,17 @@ def test_decode_attention_reads_each_rows_own_positions(kernels, monkeypatch, he
     assert not kernels.decode_attention(q, k_cache, v_cache, slots, lengths, window, 0.25).isnan().any()
 
 
+def test_the_kernels_can_be_turned_off(monkeypatch, caplog):
+    monkeypatch.setenv("LORASERVE_TRITON_KERNELS", "0")
+    fused_triton.cuda_kernels.cache_clear()
+    try:
+        with caplog.at_level("INFO", logger=fused_triton.log.name):
+            assert fused_triton.cuda_kernels() is None
+        assert "LORASERVE_TRITON_KERNELS=0" in caplog.text  # (turned off, not merely missing here)
+    finally:
+        fused_triton.cuda_kernels.cache_clear()
+
+
 def test_shapes_the_kernels_do_not_take_are_refused(kernels):
     with pytest.raises(ValueError, match="add_rms_norm"):
         kernels.add_rms_norm(randn(2, 8), None, randn(7), 1e-6)

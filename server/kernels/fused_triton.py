@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -188,7 +189,11 @@ def _agrees(kernels: TritonKernels, device: torch.device) -> bool:
 
 @functools.cache
 def cuda_kernels() -> Optional[TritonKernels]:
-    """The kernels, checked once on the current CUDA device, or None (callers keep their torch ops)."""
+    """The kernels, checked once on the current CUDA device, or None (callers keep their torch ops;
+    LORASERVE_TRITON_KERNELS=0 asks for that)."""
+    if os.environ.get("LORASERVE_TRITON_KERNELS", "1") == "0":
+        log.info("LORASERVE_TRITON_KERNELS=0: CUDA norms, RoPE and decode attention use torch ops")
+        return None
     try:
         from server.kernels import fused_triton_jit
 
