@@ -178,22 +178,22 @@ class PartialSums:
     decode graphs' second warm-up, then the capture) one buffer holds them all."""
 
     def __init__(self) -> None:
-        self.buffer: Optional[torch.Tensor] = None  # [sum of the passes' sizes] float32
+        self.buffer: Optional[torch.Tensor] = None  # [what a pass takes] float32
         self.device: Optional[torch.device] = None
-        self.sizes: list[int] = []  # this pass's requests so far
-        self.cursor = 0
+        self.taken = 0  # elements this pass has asked for so far
+        self.cursor = 0  # of them, those served from the buffer
 
     def begin(self) -> None:
-        if self.buffer is None and self.sizes:
-            self.buffer = torch.zeros(sum(self.sizes), dtype=torch.float32, device=self.device)
+        if self.buffer is None and self.taken:
+            self.buffer = torch.zeros(self.taken, dtype=torch.float32, device=self.device)
         elif self.buffer is not None:
             self.buffer.zero_()
-        self.sizes, self.cursor = [], 0
+        self.taken = self.cursor = 0
 
     def take(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """A zeroed fp32 tensor of `shape` for one projection's sums."""
         self.device, size = device, shape[0] * shape[1] * shape[2]
-        self.sizes.append(size)
+        self.taken += size
         if self.buffer is None or self.cursor + size > self.buffer.numel():
             return torch.zeros(shape, dtype=torch.float32, device=device)
         self.cursor += size

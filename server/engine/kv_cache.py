@@ -20,10 +20,10 @@ from typing import Any, Optional, Sequence
 import torch
 
 from server.kernels.elementwise import fused_kernels
+from server.kernels.fused_triton import HeadNorms
 from server.kernels.native import MAX_DIM, MAX_GROUP, attention_kernel
 from server.metrics import PREFIX_HIT_TOKENS, PREFIX_LOOKUP_TOKENS
 from server.model.arch import ArchConfig
-from server.model.attention import HeadNorms
 
 _GROWTH_QUANTUM = 256  # tokens; dense capacity grows in these steps to bound re-allocations
 

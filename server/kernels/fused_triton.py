@@ -129,9 +129,14 @@ class TritonKernels:
 
     def _splits(self, programs: int, device: torch.device) -> int:
         """Pieces each row's positions are cut into: enough programs for two per SM, at most MAX_SPLITS."""
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-        want = max(1, 2 * sms // programs)
+        want = max(1, 2 * _multiprocessors(device) // programs)
         return min(MAX_SPLITS, 1 << (want.bit_length() - 1))
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """The device's SM count (read once: an eager step asks in every layer); 8 for the interpreter."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
 def _pow2(n: int) -> int:

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.kernels.fused_triton import HeadNorms
 from server.model.arch import ArchConfig
 from server.model.layers import LoraTarget, Projection, RMSNorm, make_norm
 from server.model.rope import rotate
 
-HeadNorms = tuple[torch.Tensor, torch.Tensor, float]  # q_norm and k_norm weights [head_dim], eps (Qwen3)
 Window = Optional[int]  # sliding-window size in keys (the query's own included), None: the whole context
 
 
