@@ -263,11 +263,13 @@ def test_the_first_load_makes_the_pool_so_the_first_activation_only_installs_it(
     model = own_model(loaded)
     tier = ResidentAdapters(model, 0, 64 * 2**20, preallocate=True)
     tier.make_pool()
-    made = {key: packed.a.data_ptr() for key, packed in tier._made.items()}
+    made = [group.a.data_ptr() for group in tier._made]
     assert tier.capacity == 0 and all(m.lora is None for m in tier.projections.values())
     adapter = read_adapter(KEY, adapter_root / SPECS[0].name / "1", loaded.model.config)
     assert tier.activate(adapter, set())
-    assert all(tier.projections[key].lora.a.data_ptr() == ptr for key, ptr in made.items())
+    assert [group.a.data_ptr() for group in tier._packed] == made
+    assert all(tier.projections[key].lora.group is group for keys, group in zip(tier.groups, tier._packed)
+               for key in keys)
     assert tier.capacity * tier._column_bytes <= 64 * 2**20 and tier._made is None
     tier.make_pool()  # later loads: nothing more is made
     assert tier._made is None
@@ -285,5 +287,5 @@ def test_the_builder_has_the_first_load_make_the_pool(adapter_root, make_engine)
     assert tier.capacity == 0 and tier._made is None
     engine.store.get(engine.store.key_for(f"{SPECS[0].name}/1", None)).result()
     made = tier._made
-    assert made is not None and made.keys() == tier.projections.keys()
-    assert next(iter(made.values())).a.shape[0] == tier._budget_columns()
+    assert made is not None and len(made) == len(tier.groups)
+    assert made[0].a.shape[0] == tier._budget_columns()

@@ -264,3 +264,151 @@ def test_the_served_bf16_engine_with_and_without_the_cpu_kernels(monkeypatch):
     monkeypatch.setattr(elementwise, "ENABLED", False)
     monkeypatch.setattr(sampler, "greedy_kernel", lambda: None)
     assert outputs() == fused
+
+
+# ---- LoRA folded into the projection (linear_lora) ----
+
+def lora_case(sizes: tuple[int, ...], in_: int, rows: int, widths: list[int], seed: int):
+    """A fused projection's weight and bias, a pool of 64 packed columns and rows over `widths` (0: the
+    base model; adapters at slots spread over the pool), in the order the planner gives (by adapter)."""
+    from server.kernels import native
+
+    generator = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(sum(sizes), in_, generator=generator) * 0.05).to(torch.bfloat16)
+    bias = torch.randn(sum(sizes), generator=generator).to(torch.bfloat16)
+    a = torch.randn(64, len(sizes), in_, generator=generator).to(torch.bfloat16)
+    b_t = (torch.randn(64, sum(sizes), generator=generator) * 0.1).to(torch.bfloat16)
+    starts = {0: 0, 8: 40, 16: 8, 32: 24}
+    lo = [starts[widths[t % len(widths)]] for t in range(rows)]
+    width = [widths[t % len(widths)] for t in range(rows)]
+    x = torch.randn(rows, in_, generator=generator).to(torch.bfloat16)
+    as_int32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    order = sorted(range(rows), key=lambda t: (lo[t], width[t]))
+    step = native.LoraStep({}, as_int32(lo), as_int32(width), as_int32(order))
+    return weight, bias, a, b_t, x, lo, width, step, native.lora_pool(a, native.block_lora_b(b_t), sizes)
+
+
+@needs_kernel
+@pytest.mark.parametrize("sizes, in_", [((576, 192, 192), 576), ((1536, 1536), 576), ((576,), 1536), ((48, 16), 41)])
+@pytest.mark.parametrize("rows, widths", [(1, [8]), (3, [0, 16]), (32, [8, 16, 0, 32]), (37, [8]), (70, [16, 8])])
+def test_the_lora_inside_the_projection_is_the_float64_sum(sizes, in_, rows, widths):
+    """linear_lora: every row's projection plus its own adapter's delta (parts of a fused projection
+    each taking their own shrink), rounded once, whatever the tiles mix: within bf16's rounding of
+    the float64 sum (the shrink rounded to bf16 as peft's lora_A output is)."""
+    from server.kernels import native
+
+    weight, bias, a, b_t, x, lo, width, step, pool = lora_case(sizes, in_, rows, widths, seed=rows + in_)
+    got = linear_kernel().with_lora(x, linear_kernel().block(weight, bias), pool, step).double()
+    want = native.lora_reference(x, weight, bias, a, b_t, sizes, lo, width)
+    assert got.shape == (rows, sum(sizes))
+    torch.testing.assert_close(got, want, atol=0.02, rtol=0.01)
+    plain = x.double() @ weight.double().T + bias.double()
+    assert all((got[t] - plain[t]).abs().max() > 0.05 for t in range(rows) if width[t]), "the deltas were added"
+
+
+@needs_kernel
+def test_the_lora_inside_the_int8_projection():
+    """The same delta through the int8 copy's tiles (a small step with `quantize: int8`)."""
+    from server.kernels import native
+
+    sizes = (576, 192, 192)
+    weight, bias, a, b_t, x, lo, width, step, pool = lora_case(sizes, 576, 4, [8, 0, 16, 8], seed=7)
+    values = torch.randint(-127, 128, weight.shape, generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    scales = torch.rand(weight.shape[0], generator=torch.Generator().manual_seed(2)) / 500
+    got = linear_kernel().with_lora(x, linear_kernel().block_int8(values, scales, bias), pool, step).double()
+    want = native.lora_reference(x, values.double() * scales.double()[:, None], bias, a, b_t, sizes, lo, width)
+    torch.testing.assert_close(got, want, atol=0.02, rtol=0.01)
+
+
+def test_blocked_b_holds_each_column_once():
+    """block_lora_b's layout: slot, group of 64 outputs, pair of columns, output, column in the pair."""
+    from server.kernels.native import block_lora_b
+
+    b_t = torch.arange(1, 16 * 70 + 1, dtype=torch.float32).view(16, 70).to(torch.bfloat16)
+    blocks = block_lora_b(b_t)
+    assert blocks.shape == (2, 2, 4, 64, 2)
+    assert blocks[1, 1, 2, 3, 1] == b_t[8 + 2 * 2 + 1, 64 + 3]
+    assert blocks[0, 0, 0, 5, 0] == b_t[0, 5] and not blocks[:, 1, :, 6:].any()  # outputs past 70: zeros
+    assert blocks.count_nonzero() == b_t.numel()
+
+
+@needs_kernel
+@pytest.mark.parametrize("lo, width, order, message", [
+    ([4, 0], [8, 8], [0, 1], "whole slots"),  # a token's columns not starting at a slot
+    ([0, 0], [8, 12], [0, 1], "whole slots"),  # nor whole slots wide
+    ([56, 0], [16, 8], [0, 1], "whole slots inside the pool"),  # past the pool's 64 columns
+    ([0, 0], [8, 8], [0, 0], "permutation"),  # a row twice, another never: it would be left unwritten
+])
+def test_the_folded_lora_refuses_bad_columns(lo, width, order, message):
+    from server.kernels import native
+
+    weight, bias, a, b_t, x, _, _, _, pool = lora_case((64,), 32, 2, [8], seed=0)
+    as_int32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    step = native.LoraStep({}, as_int32(lo), as_int32(width), as_int32(order))
+    with pytest.raises(ValueError, match=message):
+        linear_kernel().with_lora(x, linear_kernel().block(weight, bias), pool, step)
+    with pytest.raises(ValueError, match="whole slots"):  # a pool whose B^T is not blocked for it
+        native.lora_pool(a, b_t, (64,))
+
+
+@needs_kernel
+@pytest.mark.parametrize("quantize", [False, True])
+def test_each_projection_of_a_bf16_mixed_batch_adds_what_peft_adds(loaded, adapter_root, quantize):
+    """The served path on a bf16 CPU, projection by projection: the device tier's pools blocked for
+    linear_cpu.c, rows of the base model and of the suite's three adapters (ranks 8, 32, 16; one
+    without MLP weights, one without attention's) in one batch through each fused projection of the
+    first and last layers (through the int8 copies too, a step of 4 rows with `quantize`). Each row's
+    delta over the plain projection is peft's for its adapter alone (fp32), within bf16's rounding."""
+    from types import SimpleNamespace
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from server.adapters.lora import ResidentAdapters
+    from server.adapters.weights import AdapterKey, read_adapter
+    from server.model.decoder import CausalLM
+    from server.model.layers import prepack_cpu_weights, quantize_int8
+    from tests.adapter_factory import SPECS
+
+    model = CausalLM.from_pretrained(loaded.model_dir, torch.device("cpu"), torch.bfloat16)
+    if quantize:
+        quantize_int8(model)
+    prepack_cpu_weights(model)
+    tier = ResidentAdapters(model, 0, 1 << 30)
+    names = [None, *(s.name for s in SPECS)]
+    adapters = [None if n is None else read_adapter(AdapterKey("local", f"{n}/1"), adapter_root / n / "1",
+                                                    model.config, torch.bfloat16) for n in names]
+    assert all(tier.activate(a, set()) for a in adapters if a is not None)
+    assert tier.planner.folds and all(g.pool is not None and g.b_t is None for g in tier._packed)
+    lens = [1] * 4 if quantize else [3, 1, 5, 2]
+    batch = SimpleNamespace(lora=tier.batch_for(adapters, lens))
+    assert type(batch.lora).__name__ == "TokenColumns"
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(loaded.model_dir, dtype=torch.float32),
+                                     adapter_root / names[1] / "1", adapter_name=names[1])
+    for name in names[2:]:
+        peft.load_adapter(adapter_root / name / "1", adapter_name=name)
+    generator = torch.Generator().manual_seed(0)
+    for layer in (0, len(model.model.layers) - 1):
+        ours, theirs = model.model.layers[layer], peft.base_model.model.model.layers[layer]
+        for projection, modules in ((ours.self_attn.qkv_proj, [theirs.self_attn.q_proj, theirs.self_attn.k_proj,
+                                                                theirs.self_attn.v_proj]),
+                                    (ours.self_attn.o_proj, [theirs.self_attn.o_proj]),
+                                    (ours.mlp.gate_up_proj, [theirs.mlp.gate_proj, theirs.mlp.up_proj]),
+                                    (ours.mlp.down_proj, [theirs.mlp.down_proj])):
+            x = torch.randn(sum(lens), projection.weight.shape[1], generator=generator).to(torch.bfloat16)
+            with torch.no_grad():
+                folded, plain = projection(x, batch).float(), projection(x).float()
+            delta, rounding = folded - plain, (folded.abs() + plain.abs()) / 128  # (each rounded at 2^-9 of itself)
+            rows = torch.arange(sum(lens)).split(lens)
+            for name, row in zip(names, rows):
+                with torch.no_grad():
+                    if name is None:
+                        want = torch.zeros(len(row), delta.shape[1])
+                    else:
+                        peft.set_adapter(name)
+                        with_lora = torch.cat([m(x[row].float()) for m in modules], dim=1)
+                        with peft.disable_adapter():
+                            want = with_lora - torch.cat([m(x[row].float()) for m in modules], dim=1)
+                excess = (delta[row] - want).abs() - (rounding[row] + 0.02 * want.abs() + 1e-3)
+                assert excess.max() <= 0, (layer, projection.names, name, float(excess.max()))
+            assert delta.abs().max() > 0.1  # (the adapters' deltas are there to be seen)

@@ -14,7 +14,6 @@ bench/lora_op.py; on CUDA the Triton kernels (the masked window where Triton is 
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -24,20 +23,22 @@ import torch
 import torch.nn.functional as F
 
 from server.adapters.weights import AdapterKey, AdapterWeights
-from server.kernels import lora_triton
+from server.kernels import lora_triton, native
 from server.kernels.lora_triton import add_lora, plan_tiles, rank_block, triton_kernels
-from server.kernels.native import LoraKernel, LoraStep, lora_kernel
+from server.kernels.native import BlockedInt8, BlockedWeight, LoraKernel, LoraPool, LoraStep, foldable, lora_kernel
 from server.model.decoder import CausalLM
 from server.model.layers import LoraTarget
 
 log = logging.getLogger(__name__)
 
-SLOT_COLUMNS = 8  # packed columns are allocated in slots this wide, so a rank-8 adapter is one slot
+SLOT_COLUMNS = native.FOLD_SLOT  # packed columns are allocated in slots this wide: a rank-8 adapter is one slot
 KERNEL_ANY_STEP_THREADS = 4  # up to this many torch threads the C kernel takes every CPU step ...
 KERNEL_SMALL_STEP_TOKENS = 64  # ... beyond, the steps of at most this many tokens
 SLOT_ROWS_MAX_TOKENS = 512  # CUDA: steps up to this many tokens use the Triton kernels (they read per token)
 SPREAD_SLACK = 2  # adapters' widths a step's adapters may spread beyond their own before they are packed
 Range = tuple[int, int]  # an adapter's packed columns [lo, hi)
+Blocked = BlockedWeight | BlockedInt8  # linear_cpu.c's weights
+OptionalTensor = Optional[torch.Tensor]
 Ranges = tuple[Optional[Range], ...]  # per sequence; None: the base model
 
 
@@ -61,6 +62,12 @@ class LoraBatch:
             if lora is not None:
                 self.add(y[:, start : start + size], x, lora.a, lora.b_t)
             start += size
+
+    def project(self, x: torch.Tensor, weight: Blocked, parts: Sequence[Optional["PackedLora"]]) -> OptionalTensor:
+        """x's projection through a blocked CPU weight (bf16, or an int8 copy) with every part's delta
+        added in the same pass, or None where this plan can't (the caller then projects and calls
+        add_parts)."""
+        return None
 
     def begin_pass(self) -> None:
         """Called by the model at the start of each forward pass with this plan."""
@@ -170,6 +177,14 @@ class TokenColumns(LoraBatch):
     def add(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
         self.step(y, x, a, b_t)
 
+    def project(self, x: torch.Tensor, weight: Blocked, parts: Sequence[Optional["PackedLora"]]) -> OptionalTensor:
+        """The fused projection's pool read inside its own matmul (linear_cpu.c: the shrink of every part
+        for a group of tokens of one adapter, the expand into the tile before it is rounded)."""
+        group = parts[0].group if parts[0] is not None else None
+        if group is None or group.pool is None:
+            return None
+        return native.linear_kernel().with_lora(x, weight, group.pool, self.step)
+
 
 class PartialSums:
     """The shrink's fp32 sums of every fused projection in a forward pass, zeroed by one memset at
@@ -236,11 +251,57 @@ class SortedTiles(LoraBatch):
 
 @dataclass(frozen=True)
 class PackedGroup:
-    """One fused projection's packed adapters, every part together (CUDA): each part's PackedLora
-    is a view into these, so the Triton kernels read all parts in one launch each way."""
+    """One fused projection's packed adapters, every part together: each part's PackedLora is a view
+    into these, so one kernel reads all parts (the Triton kernels in one launch each way on CUDA,
+    linear_cpu.c inside the projection's own matmul on CPU, where B^T is blocked like a weight)."""
 
     a: torch.Tensor  # [cols, parts, in]
-    b_t: torch.Tensor  # [cols, sum(out)], the parts side by side as in the projection's output
+    b_t: Optional[torch.Tensor]  # [cols, sum(out)], the parts side by side as in the projection's output; or ...
+    pool: Optional[LoraPool] = None  # ... (CPU, bf16) B^T in lora_b_blocks' layout, read by linear_cpu.c through this
+
+    @classmethod
+    def zeroed(cls, columns: int, in_features: int, sizes: tuple[int, ...], device: torch.device,
+               dtype: torch.dtype, folds: bool) -> "PackedGroup":
+        a = torch.zeros(columns, len(sizes), in_features, device=device, dtype=dtype)
+        if folds:
+            return cls(a, None, native.lora_pool(a, native.lora_b_blocks(columns, sum(sizes), device), sizes))
+        return cls(a, torch.zeros(columns, sum(sizes), device=device, dtype=dtype))
+
+    @property
+    def b_blocks(self) -> Optional[torch.Tensor]:
+        return self.pool.tensors[1] if self.pool is not None else None
+
+    def parts(self, sizes: tuple[int, ...]) -> list["PackedLora"]:
+        """Each part's view (no B^T view where it is blocked: only linear_cpu.c reads those)."""
+        out, start = [], 0
+        for p, size in enumerate(sizes):
+            out.append(PackedLora(self.a[:, p], None if self.b_t is None else self.b_t[:, start : start + size], self))
+            start += size
+        return out
+
+    def keep(self, old: "PackedGroup", columns: int) -> None:
+        """The first `columns` packed columns of `old` (same layout), copied in."""
+        self.a[:columns] = old.a[:columns]
+        if self.pool is not None:
+            self.b_blocks[: columns // SLOT_COLUMNS] = old.b_blocks[: columns // SLOT_COLUMNS]
+        else:
+            self.b_t[:columns] = old.b_t[:columns]
+
+    def write(self, lo: int, width: int, modules: Sequence[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]],
+              sizes: tuple[int, ...]) -> None:
+        """Columns [lo, lo + width) from each part's (A [r, in], B [out, r]) (None: zeros), zeros past r."""
+        self.a[lo : lo + width] = 0
+        b_t = self.b_t[lo : lo + width] if self.pool is None else torch.zeros(width, sum(sizes), dtype=self.a.dtype)
+        if self.pool is None:
+            b_t.zero_()
+        start = 0
+        for p, ((a, b), size) in enumerate(zip(modules, sizes)):
+            if a is not None:
+                self.a[lo : lo + a.shape[0], p].copy_(a, non_blocking=True)
+                b_t[: a.shape[0], start : start + size].copy_(b.t(), non_blocking=True)
+            start += size
+        if self.pool is not None:
+            self.b_blocks[lo // SLOT_COLUMNS : (lo + width) // SLOT_COLUMNS] = native.block_lora_b(b_t)
 
 
 @dataclass(frozen=True)
@@ -248,8 +309,8 @@ class PackedLora:
     """The packed adapters of one projection (a part of a fused one), hung on its LoraTarget."""
 
     a: torch.Tensor  # [cols, in]
-    b_t: torch.Tensor  # [cols, out], scale folded in
-    group: Optional[PackedGroup] = None  # CUDA: the fused projection's buffers these are views of
+    b_t: Optional[torch.Tensor]  # [cols, out], scale folded in (None: blocked, read through group.pool)
+    group: Optional[PackedGroup] = None  # the fused projection's buffers these are views of
 
 
 def lora_delta(x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor, lora: LoraBatch) -> torch.Tensor:
@@ -287,6 +348,7 @@ class LoraPlanner:
                  kernel: Optional[LoraKernel] = None, triton: bool = False) -> None:
         self.device, self.dtype, self.costs, self.kernel = device, dtype, costs, kernel
         self.triton = triton  # CUDA: SortedTiles for steps of up to SLOT_ROWS_MAX_TOKENS tokens
+        self.folds = False  # CPU: linear_cpu.c reads the LoRA inside the projections (set by the tier): every step
 
     @classmethod
     def for_device(cls, device: torch.device, dtype: torch.dtype) -> "LoraPlanner":
@@ -304,8 +366,9 @@ class LoraPlanner:
         # one adapter's prefills too (bf16, per layer, 1 thread: 1 token 40 us against 193 for the
         # window; 1,024 tokens of one adapter 1.5 ms against 6.6 for OneAdapter's two matmuls; 2
         # threads: 1.6 against 4.4). It runs on one thread, so on a larger team it keeps only
-        # decode-sized steps (untested there: this machine has 2 cores).
-        if self.kernel is not None and (torch.get_num_threads() <= KERNEL_ANY_STEP_THREADS
+        # decode-sized steps (untested there: this machine has 2 cores); folded into linear_cpu.c,
+        # the LoRA shares the projections' team, and blocked B^T has no other reader: every step.
+        if self.kernel is not None and (self.folds or torch.get_num_threads() <= KERNEL_ANY_STEP_THREADS
                                         or sum(query_lens) <= KERNEL_SMALL_STEP_TOKENS):
             return self._token_columns(ranges, query_lens)
         if self.triton and sum(query_lens) <= SLOT_ROWS_MAX_TOKENS:
@@ -444,6 +507,8 @@ class ResidentAdapters:
     def __init__(self, model: CausalLM, max_active: int, max_bytes: int, preallocate: bool = False) -> None:
         self.projections: dict[tuple[int, str], LoraTarget] = model.lora_targets()
         self.groups = model.lora_groups()
+        self._blocked = [p.blocked is not None for _, p in model.fused_projections()]  # (CPU, bf16: linear_cpu.c)
+        self._packed: list[PackedGroup] = []  # one per group, in the order of self.groups
         for module in self.projections.values():
             module.lora = None  # this tier owns the model's LoRA buffers from now on
         self.max_active, self.max_bytes = max_active, max_bytes
@@ -454,12 +519,13 @@ class ResidentAdapters:
         self._by_key: dict[AdapterKey, AdapterWeights] = {}  # read by other threads: one dict lookup
         self._allocator = ColumnAllocator()
         self.planner = LoraPlanner.for_device(self.device, self.dtype)
+        self.planner.folds = any(self._folds(keys, blocked) for keys, blocked in zip(self.groups, self._blocked))
         # bytes of one packed column across every projection (its A row and its B^T row)
         features = sum(m.in_features + m.out_features for m in self.projections.values())
         self._column_bytes = features * self.dtype.itemsize
         self.capacity = 0
         self.preallocated = preallocate
-        self._made: Optional[dict[tuple[int, str], PackedLora]] = None  # make_pool's buffers
+        self._made: Optional[list[PackedGroup]] = None  # make_pool's buffers
         self._pool_claimed = False  # a loader has made (or tried to make) the pool, or the engine made its own
         self._making = threading.Lock()
         self.loads = 0
@@ -551,31 +617,32 @@ class ResidentAdapters:
             new_capacity = max(columns, self._budget_columns()) if not self.capacity else columns + 4 * SLOT_COLUMNS
         else:
             new_capacity = max(columns, 2 * self.capacity, 16)
-        for key, packed in self._zeroed(new_capacity).items():
-            module = self.projections[key]
-            if module.lora is not None and self.capacity:  # (lora left by an earlier tier on this model: replaced)
-                packed.a[: self.capacity] = module.lora.a
-                packed.b_t[: self.capacity] = module.lora.b_t
-            module.lora = packed
-        self.capacity = new_capacity
+        groups = self._zeroed(new_capacity)
+        for new, old in zip(groups, self._packed if self.capacity else []):
+            new.keep(old, self.capacity)
+        self._install(groups)
 
-    def _zeroed(self, columns: int) -> dict[tuple[int, str], PackedLora]:
-        """New zeroed buffers for every projection: A rows [columns, in], B^T rows [columns, out];
-        for the Triton kernels, views into one pair of buffers per fused projection (PackedGroup)."""
-        zeros = functools.partial(torch.zeros, device=self.device, dtype=self.dtype)
-        if not self.planner.triton:
-            return {key: PackedLora(zeros(columns, m.in_features), zeros(columns, m.out_features))
-                    for key, m in self.projections.items()}
-        out = {}
-        for keys in self.groups:
+    def _folds(self, keys: tuple[tuple[int, str], ...], blocked: bool) -> bool:
+        """Whether this group's LoRA is read inside its projection's matmul (linear_cpu.c)."""
+        sizes = tuple(self.projections[key].out_features for key in keys)
+        return blocked and self.planner.kernel is not None and self.dtype == torch.bfloat16 and foldable(sizes)
+
+    def _zeroed(self, columns: int) -> list[PackedGroup]:
+        """New zeroed buffers, one PackedGroup per fused projection (A rows [columns, parts, in], B^T
+        rows [columns, out] or blocked where linear_cpu.c folds the LoRA in)."""
+        groups = []
+        for keys, blocked in zip(self.groups, self._blocked):
             parts = [self.projections[key] for key in keys]
-            group = PackedGroup(zeros(columns, len(parts), parts[0].in_features),
-                                zeros(columns, sum(m.out_features for m in parts)))
-            start = 0
-            for p, (key, module) in enumerate(zip(keys, parts)):
-                out[key] = PackedLora(group.a[:, p], group.b_t[:, start : start + module.out_features], group)
-                start += module.out_features
-        return out
+            groups.append(PackedGroup.zeroed(columns, parts[0].in_features, tuple(m.out_features for m in parts),
+                                             self.device, self.dtype, self._folds(keys, blocked)))
+        return groups
+
+    def _install(self, groups: list[PackedGroup]) -> None:
+        """Hang each part's view on its projection's LoraTarget."""
+        for keys, group in zip(self.groups, groups):
+            for key, packed in zip(keys, group.parts(tuple(self.projections[key].out_features for key in keys))):
+                self.projections[key].lora = packed
+        self._packed, self.capacity = groups, groups[0].a.shape[0] if groups else 0
 
     def make_pool(self) -> None:
         """On a loader thread, ahead of the first activation: the preallocated pool's buffers,
@@ -596,12 +663,10 @@ class ResidentAdapters:
         loader makes another after this, whether or not there was one to install."""
         with self._making:
             made, self._made, self._pool_claimed = self._made, None, True
-        made_columns = next(iter(made.values())).a.shape[0] if made else 0
+        made_columns = made[0].a.shape[0] if made else 0
         if columns > made_columns:
             return False
-        for key, module in self.projections.items():
-            module.lora = made[key]
-        self.capacity = made_columns
+        self._install(made)
         return True
 
     def _budget_columns(self) -> int:
@@ -611,15 +676,9 @@ class ResidentAdapters:
         """The adapter's A rows and B^T rows (read in the serving dtype and this orientation, so these
         are plain copies), zeros past its rank and where it has no module: a reused range keeps
         nothing of the adapter it held before."""
-        for key, module in self.projections.items():
-            a, b = adapter.modules.get(key, (None, None))
-            r = 0 if a is None else a.shape[0]
-            if a is not None:
-                module.lora.a[lo : lo + r].copy_(a, non_blocking=True)
-                module.lora.b_t[lo : lo + r].copy_(b.t(), non_blocking=True)
-            if r < width:
-                module.lora.a[lo + r : lo + width] = 0
-                module.lora.b_t[lo + r : lo + width] = 0
+        for keys, group in zip(self.groups, self._packed):
+            group.write(lo, width, [adapter.modules.get(key, (None, None)) for key in keys],
+                        tuple(self.projections[key].out_features for key in keys))
 
     def batch_for(
         self, row_adapters: Sequence[Optional[AdapterWeights]], query_lens: Sequence[int]
@@ -662,7 +721,7 @@ class ResidentAdapters:
             self._columns[a], self._columns[b] = (b_lo, b_lo + width), (a_lo, a_lo + width)
         src_index = torch.tensor(src, device=self.device)
         dst_index = torch.tensor(dst, device=self.device)
-        for module in self.projections.values():
-            for buffer in (module.lora.a, module.lora.b_t):
+        for group in self._packed:  # (never blocked: only without the C kernels)
+            for buffer in (group.a, group.b_t):
                 buffer.index_copy_(0, dst_index, buffer.index_select(0, src_index))
         self.relocations += len(pairs)

@@ -92,7 +92,7 @@ def _bind_lora(library: ctypes.CDLL) -> dict[torch.dtype, Callable[..., int]]:
     functions = {torch.bfloat16: library.lora_bgmv_uint16_t, torch.float32: library.lora_bgmv_float}
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for fn in functions.values():
-        fn.argtypes = (i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, i64)
+        fn.argtypes = (i64, i64, i64, i64, ptr, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64)
         fn.restype = ctypes.c_int
     return functions
 
@@ -120,20 +120,21 @@ class LoraStep:
         self.pointers = (lo.data_ptr(), width.data_ptr(), order.data_ptr())
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor) -> None:
-        """y [tokens, out] += each token's delta from its columns of a [cols, in] and b_t [cols, out]."""
+        """y [tokens, out] += each token's delta from its columns of a [cols, in] and b_t [cols, out]
+        (rows of each may be apart: a part's view of a fused projection's pool)."""
         if not (_on_cpu((x, 2), (y, 2), (a, 2), (b_t, 2)) and x.dtype == y.dtype == a.dtype == b_t.dtype
-                and x.dtype in self.functions and a.is_contiguous() and b_t.is_contiguous()
+                and x.dtype in self.functions and a.stride(1) == 1 and b_t.stride(1) == 1
                 and x.stride(1) == 1 and y.stride(1) == 1 and x.shape[0] == y.shape[0] == self.tokens
                 and a.shape[1] == x.shape[1] and b_t.shape[1] == y.shape[1]):
             raise ValueError("lora_bgmv: tensors of the wrong dtype, device or layout")
         lo, width, order = self.pointers
         rc = self.functions[x.dtype](self.tokens, x.shape[1], y.shape[1], min(a.shape[0], b_t.shape[0]),
-                                     x.data_ptr(), x.stride(0), a.data_ptr(), b_t.data_ptr(), lo, width, order,
-                                     y.data_ptr(), y.stride(0))
+                                     x.data_ptr(), x.stride(0), a.data_ptr(), a.stride(0), b_t.data_ptr(),
+                                     b_t.stride(0), lo, width, order, y.data_ptr(), y.stride(0))
         if rc != 0:
             raise ValueError({-1: f"lora_bgmv: a token wider than {MAX_WIDTH} columns, or an order naming no token",
                               -2: "lora_bgmv: a token's columns are outside the packed buffers"}.get(
-                                  rc, "lora_bgmv: too many output features, or no memory for them"))
+                                  rc, "lora_bgmv: too many output features, a row stride too short, or no memory"))
 
 
 class LoraKernel:
@@ -269,6 +270,8 @@ def attention_kernel() -> Optional[AttentionKernel]:
 
 
 GROUP = 64  # linear_cpu.c: outputs per weight block
+# linear_lora: parts of a fused projection, each a multiple of 16 outputs; packed columns per slot of its pool
+FOLD_PARTS, FOLD_ALIGN, FOLD_SLOT = 4, 16, 8
 
 
 @dataclass(frozen=True)
@@ -312,8 +315,9 @@ class LinearKernel:
     """linear_cpu.c: bf16 projections on CPUs with AVX512-BF16, from weights blocked once at load,
     and their weight-only int8 copies for small steps."""
 
-    def __init__(self, function: Callable[..., int], int8_function: Callable[..., int]) -> None:
-        self.function, self.int8_function = function, int8_function
+    def __init__(self, function: Callable[..., int], int8_function: Callable[..., int],
+                 lora_function: Callable[..., int]) -> None:
+        self.function, self.int8_function, self.lora_function = function, int8_function, lora_function
 
     @staticmethod
     def block_int8(values: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor]) -> BlockedInt8:
@@ -362,14 +366,83 @@ class LinearKernel:
             raise ValueError("linear_bf16: " + ("bad sizes" if rc == -1 else "not built for this CPU"))
         return y
 
+    def with_lora(self, x: torch.Tensor, weight: "BlockedWeight | BlockedInt8", pool: "LoraPool",
+                  step: LoraStep) -> torch.Tensor:
+        """x [rows, in] bf16 -> [rows, out] bf16 through the bf16 or int8 blocked weight, with each row's
+        LoRA delta from `pool` (a fused projection's packed adapters) added before y is rounded, in the
+        projection's own pass; step: each row's columns (lora_cpu's LoraStep, checked once per step)."""
+        x, y = self._io(x, weight.in_features, weight.out_features)
+        if not (pool.in_features == x.shape[1] and pool.out_features == y.shape[1] and step.tokens == x.shape[0]):
+            raise ValueError("linear_lora: the pool, the weight or the step is for another shape")
+        scales = weight.scales.data_ptr() if isinstance(weight, BlockedInt8) else 0
+        bias = 0 if weight.bias is None else weight.bias.data_ptr()
+        lo, width, order = step.pointers
+        rc = self.lora_function(x.shape[0], x.shape[1], weight.out_features, x.data_ptr(), x.stride(0),
+                                weight.blocks.data_ptr(), scales, bias, y.data_ptr(), y.stride(0),
+                                ctypes.addressof(pool), lo, width, order)
+        if rc != 0:
+            raise ValueError({-1: "linear_lora: bad sizes", -2: "linear_lora: not built for this CPU",
+                              -3: "linear_lora: a token's columns are not whole slots inside the pool, or the order "
+                                  "is no permutation of the rows"}.get(rc, "linear_lora: no memory"))
+        return y
+
+
+class LoraPool(ctypes.Structure):
+    """linear_cpu.c's lora_pool: a fused projection's packed adapters, a [cols, parts, in] and B^T in
+    lora_b_blocks' layout (bf16, contiguous), and each part's end in the output. Made by `lora_pool`,
+    which checks the tensors once and keeps them."""
+
+    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("cols", ctypes.c_int64),
+                ("parts", ctypes.c_int64), ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64),
+                ("ends", ctypes.c_int64 * FOLD_PARTS)]
+
+
+def foldable(sizes: tuple[int, ...]) -> bool:
+    """Whether a fused projection of parts this wide can take its LoRA inside linear_lora."""
+    return len(sizes) <= FOLD_PARTS and all(size % FOLD_ALIGN == 0 for size in sizes)
+
+
+def lora_b_blocks(columns: int, out_features: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Zeroed B^T blocks for `columns` packed columns: [slots, groups, SLOT / 2, 64, 2], each slot's B^T
+    laid out like a weight of SLOT inputs (LinearKernel.block), so the expand is one AVX512-BF16
+    instruction per 16 outputs and pair of columns, and an adapter's blocks are one run of memory in
+    the order the tiles read them."""
+    return torch.zeros(columns // FOLD_SLOT, -(-out_features // GROUP), FOLD_SLOT // 2, GROUP, 2,
+                       dtype=torch.bfloat16, device=device)
+
+
+def block_lora_b(b_t: torch.Tensor) -> torch.Tensor:
+    """b_t [columns, out] (whole slots of columns) in lora_b_blocks' layout."""
+    columns, out = b_t.shape
+    groups = -(-out // GROUP)
+    padded = torch.zeros(columns, groups * GROUP, dtype=b_t.dtype, device=b_t.device)
+    padded[:, :out] = b_t
+    return padded.view(columns // FOLD_SLOT, FOLD_SLOT // 2, 2, groups, GROUP).permute(0, 3, 1, 4, 2).contiguous()
+
+
+def lora_pool(a: torch.Tensor, b_blocks: torch.Tensor, sizes: tuple[int, ...]) -> LoraPool:
+    """The pool of a fused projection whose parts are `sizes` wide (foldable): a [cols, parts, in] and
+    b_blocks from lora_b_blocks(cols, sum(sizes)), bf16 CPU tensors."""
+    cols, out = a.shape[0], sum(sizes)
+    if not (_on_cpu((a, 3), (b_blocks, 5)) and a.dtype == b_blocks.dtype == torch.bfloat16 and a.is_contiguous()
+            and b_blocks.is_contiguous() and a.shape[1] == len(sizes) and cols % FOLD_SLOT == 0
+            and b_blocks.shape == (cols // FOLD_SLOT, -(-out // GROUP), FOLD_SLOT // 2, GROUP, 2) and foldable(sizes)):
+        raise ValueError("lora_pool: a [cols, parts, in] and b_blocks (lora_b_blocks) must be contiguous bf16 CPU "
+                         "tensors of whole slots, for at most 4 parts each a multiple of 16 wide")
+    ends = (ctypes.c_int64 * FOLD_PARTS)(*itertools.accumulate(sizes))
+    pool = LoraPool(a.data_ptr(), b_blocks.data_ptr(), cols, a.shape[1], a.shape[2], out, ends)
+    pool.tensors = (a, b_blocks)  # alive as long as their pointers are
+    return pool
+
 
 def _bind_linear(library: ctypes.CDLL) -> LinearKernel:
-    fn, int8 = library.linear_bf16, library.linear_int8
+    fn, int8, lora = library.linear_bf16, library.linear_int8, library.linear_lora
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = (i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64)
     int8.argtypes = (i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64)
-    fn.restype = int8.restype = ctypes.c_int
-    return LinearKernel(fn, int8)
+    lora.argtypes = (i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr)
+    fn.restype = int8.restype = lora.restype = ctypes.c_int
+    return LinearKernel(fn, int8, lora)
 
 
 def _linear_agrees(kernel: LinearKernel) -> bool:
@@ -392,7 +465,44 @@ def _linear_agrees(kernel: LinearKernel) -> bool:
             got = kernel.int8(x, kernel.block_int8(values, scales, b)).double()
             if not torch.allclose(got, want, atol=0.05, rtol=1e-2):
                 return False
-    return True
+    return _lora_agrees(kernel, generator)
+
+
+def lora_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], a: torch.Tensor,
+                   b_t: torch.Tensor, sizes: tuple[int, ...], lo: list[int], width: list[int]) -> torch.Tensor:
+    """linear_lora's result in float64: x @ weight.T + bias, plus each row's delta from its columns of a
+    [cols, parts, in] and b_t [cols, out] (part p's outputs take part p's shrink, rounded to bf16 as the
+    kernel and peft's bf16 lora_A do)."""
+    y = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    ends = list(itertools.accumulate(sizes))
+    for t, (start, w) in enumerate(zip(lo, width)):
+        for p, (first, end) in enumerate(zip([0, *ends[:-1]], ends)):
+            xa = (a[start : start + w, p].double() @ x[t].double()).to(torch.bfloat16).double()
+            y[t, first:end] += xa @ b_t[start : start + w, first:end].double()
+    return y
+
+
+def _lora_agrees(kernel: LinearKernel, generator: torch.Generator) -> bool:
+    """linear_lora on three parts (an odd input count, a bias), 9 rows of widths 0, 8 and 16 in an order
+    that groups them by adapter, through the bf16 and the int8 weights, against lora_reference."""
+    sizes, in_ = (64, 16, 48), 41
+    weight = torch.randn(sum(sizes), in_, generator=generator).to(torch.bfloat16)
+    bias = torch.randn(sum(sizes), generator=generator).to(torch.bfloat16)
+    a = torch.randn(40, len(sizes), in_, generator=generator).to(torch.bfloat16)
+    b_t = torch.randn(40, sum(sizes), generator=generator).to(torch.bfloat16)
+    lo, width = [0, 8, 0, 24, 8, 8, 24, 0, 8], [8, 16, 0, 16, 16, 16, 16, 0, 16]
+    x = torch.randn(9, in_, generator=generator).to(torch.bfloat16)
+    as_int32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+    step = LoraStep({}, as_int32(lo), as_int32(width), as_int32(sorted(range(9), key=lambda t: (lo[t], width[t]))))
+    pool = lora_pool(a, block_lora_b(b_t), sizes)
+    got = kernel.with_lora(x, kernel.block(weight, bias), pool, step).double()
+    if not torch.allclose(got, lora_reference(x, weight, bias, a, b_t, sizes, lo, width), atol=0.1, rtol=1e-2):
+        return False
+    values = torch.randint(-127, 128, weight.shape, generator=generator, dtype=torch.int8)
+    scales = torch.rand(weight.shape[0], generator=generator) / 100
+    dequantized = (values.double() * scales.double()[:, None])
+    got = kernel.with_lora(x, kernel.block_int8(values, scales, bias), pool, step).double()
+    return torch.allclose(got, lora_reference(x, dequantized, bias, a, b_t, sizes, lo, width), atol=0.1, rtol=1e-2)
 
 
 @functools.cache

@@ -209,11 +209,16 @@ class CausalLM(nn.Module):
         return {(i, name): target for i, layer in enumerate(self.model.layers)
                 for part in (layer.self_attn, layer.mlp) for name, target in part.lora_targets().items()}
 
-    def lora_groups(self) -> list[tuple[tuple[int, str], ...]]:
-        """The keys of lora_targets() by fused projection: (q, k, v), (o,), (gate, up), (down,) per layer."""
-        return [tuple((i, name) for name in projection.names) for i, layer in enumerate(self.model.layers)
+    def fused_projections(self) -> list[tuple[int, Projection]]:
+        """(layer index, projection) for q/k/v, o, gate/up and down of every layer, in the order a
+        forward pass computes them."""
+        return [(i, projection) for i, layer in enumerate(self.model.layers)
                 for projection in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
                                    layer.mlp.down_proj)]
+
+    def lora_groups(self) -> list[tuple[tuple[int, str], ...]]:
+        """The keys of lora_targets() by fused projection: (q, k, v), (o,), (gate, up), (down,) per layer."""
+        return [tuple((i, name) for name in projection.names) for i, projection in self.fused_projections()]
 
     def step_tensors(self, batch: ForwardBatch, kv: KVStore, dtype: torch.dtype) -> StepTensors:
         seq_lens = batch.token_seq_lens() if any(r.needs_seq_lens for r in self.rotaries.values()) else None

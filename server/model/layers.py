@@ -70,13 +70,17 @@ def can_prepack(weight: torch.Tensor) -> bool:
     return weight.dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()  # (AVX-512 or AVX-NE)
 
 
+def takes_int8(int8: Optional[Int8Weight], x: torch.Tensor) -> bool:
+    return int8 is not None and x.shape[0] <= INT8_MAX_ROWS
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
            int8: Optional[Int8Weight], packed: Optional[torch.Tensor] = None,
            blocked: Optional[BlockedWeight] = None) -> torch.Tensor:
     """A small decode step reads the int8 copy where there is one (half the bytes of bf16: decode
     is memory-bound); otherwise the prepacked weight on CPU (blocked, or oneDNN's), the plain one
     elsewhere."""
-    if int8 is not None and x.shape[0] <= INT8_MAX_ROWS:
+    if takes_int8(int8, x):
         if int8.blocked is not None:
             return linear_kernel().int8(x, int8.blocked)  # (the bias is in the blocked copy)
         y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), int8.values, int8.scales)
@@ -108,9 +112,15 @@ class Projection(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: Any = None) -> torch.Tensor:
         """Returns the parts side by side: [tokens, sum(sizes)]."""
-        y = linear(x, self.weight, self.bias, self.int8, self.packed, self.blocked)
-        if batch is not None and batch.lora is not None:  # every part's delta, in one go where the plan can
-            batch.lora.add_parts(y, x, [t.lora for t in self.target_list], self.sizes)
+        lora = batch.lora if batch is not None else None
+        if lora is None:
+            return linear(x, self.weight, self.bias, self.int8, self.packed, self.blocked)
+        parts = [t.lora for t in self.target_list]
+        blocked = self.int8.blocked if takes_int8(self.int8, x) else self.blocked
+        y = lora.project(x, blocked, parts) if blocked is not None else None  # the deltas inside linear_cpu.c's pass
+        if y is None:
+            y = linear(x, self.weight, self.bias, self.int8, self.packed, self.blocked)
+            lora.add_parts(y, x, parts, self.sizes)  # every part's delta, in one go where the plan can
         return y
 
     def prepack(self, keep_weight: bool) -> int:
