@@ -1,5 +1,5 @@
 """The benchmark scripts stay runnable: the GPU decode benchmark and the GPU node's end-to-end
-serving run (bench/gpu/run.sh), each on a tiny random model on CPU."""
+serving run (bench/gpu/run.sh), each on a tiny random model on CPU; the CPU LoRA projections'."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from bench import gpu_decode, gpu_lora_kernels, gpu_serve
+from bench import gpu_decode, gpu_lora_kernels, gpu_serve, lora_fold
+from server.kernels.native import linear_kernel
 
 
 def test_gpu_decode_runs_on_cpu_with_a_tiny_model(tmp_path):
@@ -58,3 +59,13 @@ def test_the_gpu_serving_run_works_cpu_sized(tmp_path):
     assert report["scenarios"]["base-8"]["tokens"] == 8 * 12  # every token counts, texts or not
     assert set(report["ratios"]) == {"mixed3_vs_base_at_8", "json_half_vs_plain_at_4",
                                      "cold_loads_itl_p99_vs_warm_arrivals"}
+
+
+@pytest.mark.skipif(linear_kernel() is None, reason="no AVX512-BF16 or no C compiler here")
+def test_the_folded_lora_benchmark_runs_one_layer(tmp_path):
+    report = lora_fold.main(["--rows", "5", "--adapters", "2", "--rounds", "2", "--layers", "1",
+                             "--out-dir", str(tmp_path)])
+    saved = json.loads(next(tmp_path.glob("lora_fold-*.json")).read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert set(report["summary"]) == {"base", "folded", "separate"}
+    assert all(row["min_ms"] > 0 for row in report["summary"].values())

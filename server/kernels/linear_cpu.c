@@ -124,13 +124,13 @@ static inline __attribute__((always_inline)) void run_delta(int n, const tile_lo
     for (int s = 0; s < slots; s++) {
         const uint16_t *block = lora->b + ((lora->lo[first] / SLOT + s) * lora->groups + g) * (SLOT * GROUP);
         for (int q = 0; q < SLOT / 2; q++) {
-            int64_t at = s * (SLOT / 2) + q;
+            int64_t at = s * (SLOT / 2) + q;  /* the pair's place among the row's */
 #pragma GCC unroll 4
             for (int b = 0; b < 4; b++) {
                 __m512bh bv = (__m512bh)_mm512_loadu_si512(block + q * 2 * GROUP + 32 * b);
                 for (int k = 0; k < n; k++) {
-                    __m512bh xb = (__m512bh)_mm512_set1_epi32((int32_t)lora->xa[first + k][lora->part[b] * lora->pairs + at]);
-                    d[k][b] = _mm512_dpbf16_ps(d[k][b], bv, xb);
+                    uint32_t pair = lora->xa[first + k][lora->part[b] * lora->pairs + at];
+                    d[k][b] = _mm512_dpbf16_ps(d[k][b], bv, (__m512bh)_mm512_set1_epi32((int32_t)pair));
                 }
             }
         }
@@ -304,7 +304,10 @@ static int shrink_all(int64_t rows, const uint16_t *x, int64_t x_stride, const l
         int64_t i = groups[2 * g], n = groups[2 * g + 1], t = order[i];
         const uint16_t *xs[TILE_ROWS];
         uint32_t *sums[TILE_ROWS];
-        for (int64_t k = 0; k < n; k++) xs[k] = x + order[i + k] * x_stride, sums[k] = xa + order[i + k] * parts * pairs;
+        for (int64_t k = 0; k < n; k++) {
+            xs[k] = x + order[i + k] * x_stride;
+            sums[k] = xa + order[i + k] * parts * pairs;
+        }
         const uint16_t *at = pool->a + (int64_t)lo[t] * parts * in;
         switch (n) {
             case 1: shrink_rows(1, xs, at, parts, in, width[t], sums, pairs); break;
