@@ -291,9 +291,7 @@ class PackedGroup:
               sizes: tuple[int, ...]) -> None:
         """Columns [lo, lo + width) from each part's (A [r, in], B [out, r]) (None: zeros), zeros past r."""
         self.a[lo : lo + width] = 0
-        b_t = self.b_t[lo : lo + width] if self.pool is None else torch.zeros(width, sum(sizes), dtype=self.a.dtype)
-        if self.pool is None:
-            b_t.zero_()
+        b_t = self.b_t[lo : lo + width].zero_() if self.pool is None else self.a.new_zeros(width, sum(sizes))
         start = 0
         for p, ((a, b), size) in enumerate(zip(modules, sizes)):
             if a is not None:
