@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.step_time import new_requests, random_adapters  # noqa: E402
+from bench.step_time import decode_ms, new_requests, random_adapters  # noqa: E402
 from bench.throughput import machine  # noqa: E402
 from server.config import Limits, ModelConfig, Settings  # noqa: E402
 from server.engine.builder import build_engine  # noqa: E402
@@ -40,17 +40,9 @@ def engine_side(folded: bool, rows: int, adapters: int) -> tuple:
     return loaded, engine, random_adapters(loaded.model, adapters, 8, loaded.dtype)
 
 
-def decode_ms(side: tuple, rows: int, with_adapters: bool) -> float:
+def run(side: tuple, rows: int, with_adapters: bool) -> float:
     loaded, engine, mix = side
-    requests = new_requests(loaded, mix if with_adapters else [], rows, 48)
-    for request in requests:
-        engine.scheduler.add(request)
-    while any(r.num_generated == 0 for r in requests):  # prefills are not what this measures
-        engine.step()
-    started, steps = time.perf_counter(), 0
-    while engine.step():
-        steps += 1
-    return (time.perf_counter() - started) / steps * 1000
+    return decode_ms(engine, new_requests(loaded, mix if with_adapters else [], rows, 48))
 
 
 def main() -> None:
@@ -68,7 +60,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for name, side in sides.items():
             for kind in ("base", "mixed"):
-                times.setdefault(f"{name}-{kind}", []).append(decode_ms(side, args.rows, kind == "mixed"))
+                times.setdefault(f"{name}-{kind}", []).append(run(side, args.rows, kind == "mixed"))
     summary = {key: {"median_ms": round(statistics.median(v), 2), "min_ms": round(min(v), 2)}
                for key, v in times.items()}
     for name in sides:

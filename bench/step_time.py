@@ -49,18 +49,22 @@ def measure(batches: list[int], dtype: str, new_tokens: int, threads: int, quant
     mix = random_adapters(loaded.model, adapters, 8, loaded.dtype)
     results = {}
     for batch in batches:
-        requests = new_requests(loaded, mix, batch, new_tokens)
-        for request in requests:
-            engine.scheduler.add(request)
-        while any(r.num_generated == 0 for r in requests):  # prefills are not what this measures
-            engine.step()
-        started, steps = time.perf_counter(), 0
-        while engine.step():
-            steps += 1
-        results[batch] = (time.perf_counter() - started) / steps * 1000
+        results[batch] = decode_ms(engine, new_requests(loaded, mix, batch, new_tokens))
         if profile:
             print_profile(engine, new_requests(loaded, mix, batch, new_tokens), batch, profile)
     return results
+
+
+def decode_ms(engine, requests: list) -> float:
+    """The requests prefilled, then their decode steps' mean time (ms) until all are done."""
+    for request in requests:
+        engine.scheduler.add(request)
+    while any(r.num_generated == 0 for r in requests):  # prefills are not what this measures
+        engine.step()
+    started, steps = time.perf_counter(), 0
+    while engine.step():
+        steps += 1
+    return (time.perf_counter() - started) / steps * 1000
 
 
 def new_requests(loaded, mix: list, batch: int, new_tokens: int) -> list:
