@@ -103,8 +103,9 @@ def test_prefix_cache_reuses_blocks_of_the_same_adapter_only(make_engine):
     assert engine.engine.scheduler.kv.cached_blocks > 0
 
 
-def burst_engine(loaded, prefix_caching: bool, count: int, **limits):
-    """A synchronous engine and `count` greedy requests for one long prompt, added together."""
+def burst_engine(loaded, prefix_caching: bool, count: int, params=None, **limits):
+    """A synchronous engine and `count` requests for one long prompt (greedy, or params[i]), added
+    together; `fed` records the prompt tokens each step computes and `twins` its twins."""
     from dataclasses import replace
 
     from server.config import Limits, ModelConfig, Settings
@@ -116,18 +117,23 @@ def burst_engine(loaded, prefix_caching: bool, count: int, **limits):
     settings = Settings(limits=replace(Limits(), max_batch_size=8, **limits),
                         model=replace(ModelConfig(), prefix_caching=prefix_caching))
     engine = build_engine(settings, loaded).engine
-    requests = [Request(prompt_ids=prompt, params=SamplingParams(), sink=lambda event: None,
+    from server.engine.async_engine import _generator
+
+    params = params or [SamplingParams()] * count
+    requests = [Request(prompt_ids=prompt, params=p, sink=lambda event: None, generator=_generator(p, loaded.device),
                         stop=StopCriteria(max_new_tokens=6, ignore_eos=True),
                         detokenizer=IncrementalDetokenizer(loaded.tokenizer, prompt, loaded.special_token_ids))
-                for _ in range(count)]
+                for p in params]
     for request in requests:
         engine.scheduler.add(request)
     fed, schedule = [], engine.scheduler.schedule
+    engine.twins = []
 
     def recorded():  # the prompt tokens each plan computes
         plan = schedule()
         if plan is not None:
             fed.append(sum(n for n, r in zip(plan.tokens_fed, plan.requests) if r.is_prefilling))
+            engine.twins.append(len(plan.twins))
         return plan
 
     engine.scheduler.schedule = recorded
@@ -135,9 +141,10 @@ def burst_engine(loaded, prefix_caching: bool, count: int, **limits):
 
 
 def test_a_burst_sharing_a_prompt_prefills_it_once(loaded):
-    """Four requests with one long prompt, admitted together: the first computes the prompt's full
-    blocks, the others read them in the same step and compute only the tail past them; the same
-    tokens as without prefix caching, and every block back in the pool."""
+    """Four requests with one long prompt, admitted together: the first computes the prompt, the
+    others read its full blocks in the same step and are its twins for the tail past them (copied,
+    with its logits, after the step); the same tokens as without prefix caching, and every block
+    back in the pool."""
     from server.metrics import PREFIX_HIT_TOKENS
 
     def run_burst(prefix_caching: bool):
@@ -145,16 +152,59 @@ def test_a_burst_sharing_a_prompt_prefills_it_once(loaded):
         while engine.step():
             pass
         assert engine.scheduler.kv.pool.num_used == 0
-        return [r.output_ids for r in requests], [n for n in fed if n], len(requests[0].prompt_ids)
+        return [r.output_ids for r in requests], [n for n in fed if n], len(requests[0].prompt_ids), engine.twins
 
-    cold, cold_fed, length = run_burst(False)
+    cold, cold_fed, length, cold_twins = run_burst(False)
     shared = (length - 1) // 16 * 16  # the full blocks a request can read (one token is always computed)
+    assert length % 16 and length - shared > 1  # a partial last block of several tokens: copied, not shared
     before = PREFIX_HIT_TOKENS._value.get()
-    warm, warm_fed, _ = run_burst(True)
+    warm, warm_fed, _, warm_twins = run_burst(True)
     assert PREFIX_HIT_TOKENS._value.get() - before == 3 * shared
-    assert warm_fed == [length + 3 * (length - shared)]  # one step: one prompt, three tails
-    assert cold_fed == [4 * length]
+    assert warm_fed == [length] and warm_twins[0] == 3  # one step: one prompt computed, three twins
+    assert cold_fed == [4 * length] and not any(cold_twins)  # no prefix caching: no twins either
     assert warm == cold
+
+
+def test_twins_sample_as_if_each_had_computed_its_prompt(loaded):
+    """Twins take their leader's logits but sample with their own settings: seeded sampling gives
+    each request the tokens it gets alone (different seeds, different outputs), and a greedy twin
+    of a sampling leader stays greedy."""
+    sampled = [SamplingParams(temperature=1.5, do_sample=True, seed=seed) for seed in (1, 2, 3)]
+    params = [sampled[0], SamplingParams(), sampled[1], sampled[2]]
+    alone = []
+    for p in params:
+        engine, (request,), _ = burst_engine(loaded, True, 1, [p])
+        while engine.step():
+            pass
+        alone.append(request.output_ids)
+    assert len({tuple(a) for a in alone}) == 4  # the seeds really differ
+    engine, requests, fed = burst_engine(loaded, True, 4, params)
+    while engine.step():
+        pass
+    assert engine.twins[0] == 3
+    assert [r.output_ids for r in requests] == alone
+    assert engine.scheduler.kv.pool.num_used == 0
+
+
+def test_a_twin_waits_for_its_leaders_last_prompt_chunk(loaded):
+    """A prompt prefilled 48 tokens a step: its twins wait (computing nothing) until the step with
+    the leader's last chunk, then copy its tail; the tokens of a cold run."""
+    engine, requests, _ = burst_engine(loaded, False, 1, max_batch_prefill_tokens=48)
+    while engine.step():
+        pass
+    cold = requests[0].output_ids
+    engine, requests, fed = burst_engine(loaded, True, 3, max_batch_prefill_tokens=48)
+    steps = -(-len(requests[0].prompt_ids) // 48)
+    for _ in range(steps - 1):
+        engine.step()
+    assert not any(r.output_ids for r in requests)
+    engine.step()  # the leader's last chunk: every one of them has its first token
+    assert [len(r.output_ids) for r in requests] == [1, 1, 1]
+    while engine.step():
+        pass
+    assert [n for n in fed if n] == [48] * (steps - 1) + [len(requests[0].prompt_ids) - 48 * (steps - 1)]
+    assert engine.twins[steps - 1] == 2 and sum(engine.twins) == 2
+    assert [r.output_ids for r in requests] == [cold] * 3
 
 
 def test_a_leader_that_leaves_mid_prompt_hands_its_blocks_over(loaded):

@@ -139,15 +139,15 @@ class Engine:
         try:
             return self.runner.run(plan)
         except Exception as exc:
-            log.exception("forward pass failed for %d requests", len(plan.requests))
-            for request in plan.requests:
+            log.exception("forward pass failed for %d requests", len(plan.rows))
+            for request in plan.rows:
                 request.finish(FinishReason.ERROR, f"forward pass failed: {exc}")
             return None
 
     def _advance(self, plan: BatchPlan, logits: torch.Tensor) -> None:
         """Sample a next token for every row whose tokens reached the end of its sequence (a chunk
         that stops short of a prompt's end samples nothing), after recording what was computed."""
-        requests = plan.requests
+        requests = plan.rows
         sampling = [plan.samples(row) for row in range(len(requests))]
         plan.mark_computed()
         guided = [row for row in range(len(requests)) if sampling[row] and requests[row].guide is not None]

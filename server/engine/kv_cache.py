@@ -33,6 +33,10 @@ class KVCache:
 
     paged = False
 
+    def may_copy(self, request: Any) -> bool:
+        """Dense slots never take another request's prompt (see PagedKVCache.may_copy)."""
+        return False
+
     def __init__(self, arch: ArchConfig, max_slots: int, max_tokens_per_slot: int, device: torch.device,
                  dtype: torch.dtype, max_reserved_tokens: Optional[int] = None) -> None:
         self.arch, self.max_slots, self.max_tokens = arch, max_slots, max_tokens_per_slot
@@ -299,6 +303,7 @@ class PagedKVCache:
         pool = torch.zeros((2, arch.num_layers, num_blocks * block_size, arch.num_kv_heads, arch.head_dim),
                            device=device, dtype=dtype)
         self.keys, self.values = list(pool[0].unbind(0)), list(pool[1].unbind(0))
+        self._pool = pool
         self._holders = 0
         self._in_flight: dict[bytes, InFlight] = {}  # full prefix blocks being computed now, by key
         self._promised: dict[int, list[bytes]] = {}  # request id -> keys of the blocks it leads
@@ -368,6 +373,25 @@ class PagedKVCache:
         self._holders += 1
         assert self._extend(request), "can_admit checked the blocks"
         self._lead(request)
+
+    def may_copy(self, request: Any) -> bool:
+        """Whether the request may take its prompt's keys and values from an identical request's
+        computed in the same step (a twin, see scheduler): with prefix caching on (the switch for
+        reusing computed keys and values), not scoring its prompt, and leading no in-flight block
+        (a block others read in the step's forward must be written by it; a twin's is copied after)."""
+        return self.prefix_caching and not request.options.prefill_logprobs and request.id not in self._promised
+
+    def copy_tokens(self, source: Any, target: Any, start: int, end: int) -> None:
+        """After a step: positions [start, end) of the source's keys and values, every layer, into
+        the target's blocks (one indexed copy of the pool)."""
+        positions = torch.arange(start, end)
+        size = self.block_size
+
+        def slots(request: Any) -> torch.Tensor:
+            table = torch.tensor(request.block_table, dtype=torch.long)
+            return (table[positions // size] * size + positions % size).to(self.device)
+
+        self._pool[:, :, slots(target)] = self._pool[:, :, slots(source)]
 
     def register_computed(self, request: Any) -> None:
         """After a step: the request's blocks computed in full join the prefix cache now, before the

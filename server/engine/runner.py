@@ -22,16 +22,30 @@ class ModelRunner:
 
     @torch.no_grad()
     def run(self, plan: BatchPlan) -> torch.Tensor:
-        """Returns logits [len(plan.requests), vocab] (float32) for each request's last fed token."""
+        """Returns logits [len(plan.rows), vocab] (float32): each request's for its last fed token,
+        then each twin's (a copy of its leader's)."""
         batch = self.build_batch(plan)
         self.kv.ensure_capacity(max(batch.context_lens))
         if plan.is_decode and self.graphs is not None:
             logits = self.graphs.run(batch)
             if logits is not None:
                 return logits
-        if plan.is_decode or not any(r.scores_prompt for r in plan.requests):
+        if plan.is_decode:
             return self.model(batch, self.kv)
-        return self._run_with_prompt_logprobs(plan, batch)
+        if not any(r.scores_prompt for r in plan.requests):
+            return self._give_twins(plan, self.model(batch, self.kv))
+        return self._give_twins(plan, self._run_with_prompt_logprobs(plan, batch))
+
+    def _give_twins(self, plan: BatchPlan, logits: torch.Tensor) -> torch.Tensor:
+        """Each twin's prompt tail (past the blocks it shares) copied from its leader's blocks, and
+        its own copy of the leader's logits row (sampling masks and penalties work rows in place)."""
+        if not plan.twins:
+            return logits
+        for twin in plan.twins:
+            leader = plan.requests[twin.leader_row]
+            self.kv.copy_tokens(leader, twin.request, twin.request.num_computed_tokens, leader.total_tokens)
+        rows = torch.tensor([t.leader_row for t in plan.twins], device=logits.device)
+        return torch.cat([logits, logits.index_select(0, rows)])
 
     def _run_with_prompt_logprobs(self, plan: BatchPlan, batch: ForwardBatch) -> torch.Tensor:
         """Prefill that also scores every prompt token of the requests that asked for it."""

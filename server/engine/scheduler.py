@@ -13,7 +13,10 @@ bounded by drains (each at most max_total_tokens decode steps).
 
 Prompt chunks are fed in admission order, a request only once every earlier one has all its pending
 tokens in the step: a request admitted while another computes the same prompt prefix (a burst sharing
-a system prompt) reads that prefix's blocks instead of computing them again (kv_cache.InFlight).
+a system prompt) reads that prefix's blocks instead of computing them again (kv_cache.InFlight). A
+request whose whole prompt is another's under the same adapter (a chat request's `n` choices, a
+best-of, a client's retry) computes nothing: it is that request's twin, and the step that computes
+its leader's last prompt token copies the tail's keys and values and the leader's logits to it.
 
 A request that has waited longer than max_queue_wait_s for admission is failed as "overloaded"
 (429), so a client under sustained overload hears so and can retry elsewhere instead of hanging.
@@ -42,6 +45,15 @@ class StepKind(Enum):
 
 
 @dataclass(frozen=True)
+class Twin:
+    """A prefilling request that takes its prompt's keys and values (past the blocks it shares) and
+    its first logits from its leader's row of this step instead of computing them."""
+
+    request: Request
+    leader_row: int  # the leader's row in BatchPlan.requests
+
+
+@dataclass(frozen=True)
 class BatchPlan:
     """One forward pass. DECODE: every request feeds its last token. PREFILL: the decoding requests
     (first, one token each) and a chunk of each prefilling request's pending tokens, within the
@@ -50,6 +62,12 @@ class BatchPlan:
     kind: StepKind
     requests: tuple[Request, ...]
     query_lens: tuple[int, ...] = ()  # PREFILL: tokens each request feeds this step
+    twins: tuple[Twin, ...] = ()  # PREFILL: requests computing nothing, given their leaders' results
+
+    @property
+    def rows(self) -> tuple[Request, ...]:
+        """The requests that get logits this step: the forward's rows, then the twins."""
+        return self.requests + tuple(t.request for t in self.twins)
 
     @property
     def is_decode(self) -> bool:
@@ -67,12 +85,15 @@ class BatchPlan:
         return next((i for i, r in enumerate(self.requests) if r.is_prefilling), len(self.requests))
 
     def samples(self, row: int) -> bool:
-        """Whether this row's tokens reach the end of its sequence, so a next token is sampled."""
-        return self.tokens_fed[row] == self.requests[row].pending_tokens
+        """Whether this row's tokens reach the end of its sequence, so a next token is sampled (a
+        twin's always do: its leader's reach the end of the same prompt)."""
+        return row >= len(self.requests) or self.tokens_fed[row] == self.requests[row].pending_tokens
 
     def mark_computed(self) -> None:
         for request, fed in zip(self.requests, self.tokens_fed):
             request.num_computed_tokens += fed
+        for twin in self.twins:
+            twin.request.num_computed_tokens = twin.request.total_tokens
 
 
 @dataclass(frozen=True)
@@ -122,9 +143,28 @@ class Scheduler:
         if not prefilling:
             return BatchPlan(StepKind.DECODE, tuple(running))
         decoding = [r for r in running if not r.is_prefilling]
-        chunks = self._chunks(prefilling, self.budget.max_batch_prefill_tokens)
+        computing, twins = self._twins(prefilling)
+        chunks = self._chunks(computing, self.budget.max_batch_prefill_tokens)
         rows = decoding + [r for r, _ in chunks]
-        return BatchPlan(StepKind.PREFILL, tuple(rows), tuple([1] * len(decoding) + [n for _, n in chunks]))
+        ending = {id(r): len(decoding) + i for i, (r, n) in enumerate(chunks) if n == r.pending_tokens}
+        return BatchPlan(StepKind.PREFILL, tuple(rows), tuple([1] * len(decoding) + [n for _, n in chunks]),
+                         tuple(Twin(twin, ending[id(leader)]) for twin, leader in twins if id(leader) in ending))
+
+    def _twins(self, prefilling: list[Request]) -> tuple[list[Request], list[tuple[Request, Request]]]:
+        """Split the prefilling requests (in admission order) into those that compute and the twins
+        of an earlier one: the same tokens under the same adapter, where the cache lets it copy them
+        (kv.may_copy). A twin whose leader's last prompt chunk is not in this step waits for it."""
+        leaders: dict[tuple[int, tuple[int, ...]], Request] = {}
+        computing, twins = [], []
+        for request in prefilling:
+            key = (id(request.adapter), tuple(request.all_token_ids))
+            leader = leaders.get(key) if self.kv.may_copy(request) else None
+            if leader is None:
+                leaders.setdefault(key, request)
+                computing.append(request)
+            else:
+                twins.append((request, leader))
+        return computing, twins
 
     @staticmethod
     def _chunks(prefilling: list[Request], budget: int) -> list[tuple[Request, int]]:
