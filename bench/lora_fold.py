@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.throughput import machine  # noqa: E402
+from bench.throughput import machine, save_report  # noqa: E402
 from server.kernels import native  # noqa: E402
 
 POOL_COLUMNS, RANK = 512, 8
@@ -97,10 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"benchmark": "lora_fold", "machine": info, "rows": args.rows, "adapters": args.adapters,
               "adjacent": args.adjacent, "layers": args.layers, "rounds": args.rounds, "summary": summary}
     print(json.dumps(summary))
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    out = args.out_dir / f"lora_fold-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps(report, indent=1))
-    print(f"saved {out}")
+    save_report(report, args.out_dir)
     return report
 
 

@@ -46,6 +46,15 @@ def machine() -> dict:
             "loadavg_1m_at_start": round(load[0], 2), "commit": commit.stdout.strip()}
 
 
+def save_report(report: dict, out_dir: Path) -> Path:
+    """report (its "benchmark" names it) as out_dir/<benchmark>-<timestamp>.json; prints where."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{report['benchmark']}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(report, indent=1))
+    print(f"saved {out}")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="an already running server (default: start one)")

@@ -1,5 +1,6 @@
 """The benchmark scripts stay runnable: the GPU decode benchmark and the GPU node's end-to-end
-serving run (bench/gpu/run.sh), each on a tiny random model on CPU; the CPU LoRA projections'."""
+serving run (bench/gpu/run.sh), each on a tiny random model on CPU; the CPU LoRA projections', and
+the CPU decode steps in one call against the layer loop."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import pytest
 
-from bench import gpu_decode, gpu_lora_kernels, gpu_serve, lora_fold
+from bench import fused_decode, gpu_decode, gpu_lora_kernels, gpu_serve, lora_fold
 from server.kernels.native import linear_kernel
 
 
@@ -69,3 +70,13 @@ def test_the_folded_lora_benchmark_runs_one_layer(tmp_path):
     assert saved == json.loads(json.dumps(report))
     assert set(report["summary"]) == {"base", "folded", "separate"}
     assert all(row["min_ms"] > 0 for row in report["summary"].values())
+
+
+@pytest.mark.skipif(linear_kernel() is None, reason="no AVX512-BF16 or no C compiler here")
+def test_the_one_call_decode_benchmark_runs_small(tmp_path):
+    report = fused_decode.main(["--rows", "2", "--adapters", "2", "--rounds", "1", "--new-tokens", "4",
+                                "--out-dir", str(tmp_path)])
+    saved = json.loads(next(tmp_path.glob("fused_decode-*.json")).read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert set(report["summary"]) == {"base-2", "mixed-2x2"}
+    assert all(run["one_call_ms"]["min"] > 0 and run["loop_ms"]["min"] > 0 for run in report["summary"].values())

@@ -412,3 +412,93 @@ def test_each_projection_of_a_bf16_mixed_batch_adds_what_peft_adds(loaded, adapt
                 excess = (delta[row] - want).abs() - (rounding[row] + 0.02 * want.abs() + 1e-3)
                 assert excess.max() <= 0, (layer, projection.names, name, float(excess.max()))
             assert delta.abs().max() > 0.1  # (the adapters' deltas are there to be seen)
+
+
+# ---- a decode step's layers in one call (decoder_cpu.c) ----
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_decode_steps_in_one_call_are_the_layer_loops_bits(adapter_root, quantize):
+    """The served bf16 engine's decode steps, each computed twice: through decoder_cpu.c's one call and
+    through the Python loop over the layers. Rows of the base model and of the suite's three adapters
+    (ranks 8, 32, 16; some modules missing), 3 rows (the int8 copies' size with `quantize`) and 7: the
+    same logits bit for bit, at every step, and the one call really taken."""
+    from dataclasses import replace
+
+    from server.adapters.weights import AdapterKey, read_adapter
+    from server.config import Limits, ModelConfig, Settings
+    from server.engine.builder import build_engine
+    from server.engine.detokenizer import IncrementalDetokenizer
+    from server.engine.request import Request, SamplingParams, StopCriteria
+    from server.model.loader import load_model
+    from tests.adapter_factory import SPECS
+
+    if not cpu_has_avx512_bf16() or shutil.which("cc") is None:
+        pytest.skip("decoder_cpu.c drives linear_cpu.c, which needs AVX512-BF16 and a C compiler")
+    loaded = load_model(ModelConfig(model="default", device="cpu", dtype="bfloat16", quantize=quantize))
+    model = loaded.model
+    fused = model.fused_decode
+    assert fused is not None
+    engine = build_engine(Settings(limits=replace(Limits(), max_batch_size=8)), loaded).engine
+    adapters = [None, *(read_adapter(AdapterKey("local", f"{s.name}/1"), adapter_root / s.name / "1", model.config,
+                                     torch.bfloat16) for s in SPECS)]
+    compared = []
+
+    class BothWays:
+        def __call__(self, batch, kv):
+            model.fused_decode = fused
+            one_call = model(batch, kv)
+            model.fused_decode = None
+            loop = model(batch, kv)  # (writes the same keys and values to the same slots again)
+            model.fused_decode = fused
+            if batch.is_decode:
+                compared.append((len(batch.context_lens), torch.equal(one_call, loop), batch.lora is not None))
+            return one_call
+
+    engine.runner.model = BothWays()
+    for rows in (3, 7):
+        for i in range(rows):
+            prompt = loaded.tokenizer(f"Story {i}: the lighthouse keeper")["input_ids"]
+            engine.scheduler.add(Request(prompt_ids=prompt, params=SamplingParams(), sink=lambda event: None,
+                                         stop=StopCriteria(max_new_tokens=5, ignore_eos=True),
+                                         adapter=adapters[i % len(adapters)],
+                                         detokenizer=IncrementalDetokenizer(loaded.tokenizer, prompt,
+                                                                            loaded.special_token_ids)))
+        while engine.step():
+            pass
+    assert {(n, lora) for n, _, lora in compared} == {(3, True), (7, True)}
+    assert all(same for _, same, _ in compared), compared
+    calls = []
+    original = fused.run
+    fused.run = lambda *args: calls.append(original(*args)) or calls[-1]
+    assert model.fused_decode is fused
+    engine.runner.model = model
+    engine.scheduler.add(Request(prompt_ids=[1, 2, 3], params=SamplingParams(), sink=lambda event: None,
+                                 stop=StopCriteria(max_new_tokens=3, ignore_eos=True), adapter=adapters[1],
+                                 detokenizer=IncrementalDetokenizer(loaded.tokenizer, [1, 2, 3],
+                                                                    loaded.special_token_ids)))
+    while engine.step():
+        pass
+    assert [c is not None for c in calls] == [False, True, True]  # the prefill loops; the decode steps don't
+
+
+def test_decode_layers_refuses_a_table_for_other_shapes():
+    """A layer whose projection is for another width fails the call with the layer named; nothing runs."""
+    import ctypes
+
+    from server.kernels import native
+
+    kernel = native.decode_layers_kernel()
+    if kernel is None:
+        pytest.skip("no decoder_cpu.c here")
+    table = (native.DecodeLayer * 2)()
+    for entry in table:
+        for name, (in_, out) in zip(("qkv", "o", "gate_up", "down"), ((64, 192), (64, 64), (64, 256), (128, 64))):
+            setattr(entry, name, native.DecodeProjection(None, None, None, None, in_, out))
+    table[1].down.out_features = 65
+    step = native.DecodeStep(2, 64, 1, 1, 64, 128, 16, 1, 1e-5, 0.125)  # no buffers: the check comes first
+    with pytest.raises(ValueError, match="layer 1"):
+        kernel(step, table)
+    step.rows = 0
+    with pytest.raises(ValueError, match="layer 0"):
+        kernel(step, table)
+    assert ctypes.sizeof(native.DecodeLayer) > 0

@@ -33,6 +33,9 @@ class KVCache:
 
     paged = False
 
+    def attends_in_place(self, batch: Any) -> bool:
+        return False
+
     def may_copy(self, request: Any) -> bool:
         """Dense slots never take another request's prompt (see PagedKVCache.may_copy)."""
         return False
@@ -548,18 +551,22 @@ class PagedKVCache:
         return kernels.rope_store(qkv, heads, self.arch.num_kv_heads, cos, sin, k_cache, v_cache,
                                   batch.kv_index.slot_mapping, norms=norms)
 
+    def attends_in_place(self, batch: Any) -> bool:
+        """Whether this step's decoding rows attend through the C kernel (decode_attention)."""
+        threads = torch.get_num_threads()
+        return self._attend is not None and not (threads > 1 and
+                                                 batch.kv_index.gather.numel() > IN_PLACE_ATTENTION_WORK // threads)
+
     def decode_attention(self, layer: int, q: torch.Tensor, batch: Any, window: Optional[int],
                          scale: float) -> Optional[torch.Tensor]:
         """The decoding rows' attention [rows, heads, head_dim] for q [rows, heads, head_dim], their
         keys and values read in place through their slots by the C kernel (CPU; server/kernels), or
         None where there is none: the caller gathers them (decode_kv) for SDPA. Per layer at 32 rows
         over ~80 positions (bf16): ~90 us, against ~300 us of SDPA and ~40 of gathering."""
-        gather = batch.kv_index.gather
-        threads = torch.get_num_threads()
-        if self._attend is None or (threads > 1 and gather.numel() > IN_PLACE_ATTENTION_WORK // threads):
+        if not self.attends_in_place(batch):
             return None
         k_cache, v_cache = self.layer(layer)
-        return self._attend(q, k_cache, v_cache, gather, batch.kv_lens, window, scale)
+        return self._attend(q, k_cache, v_cache, batch.kv_index.gather, batch.kv_lens, window, scale)
 
     # Reads gather whole slots with index_select: on CPU ~7x faster than indexing with a tensor
     # (which goes through the general advanced-indexing kernel), the same values.

@@ -1,4 +1,5 @@
-"""The C kernels (lora_cpu.c, attention_cpu.c, linear_cpu.c): compiled once per machine and CPU with
+"""The C kernels (lora_cpu.c, attention_cpu.c, linear_cpu.c, norm_cpu.c, greedy_cpu.c, and decoder_cpu.c
+driving the others through a decode step's layers): compiled once per machine and CPU with
 the system C compiler (`cc -O3 -march=native`) into loraserve's home, loaded with ctypes, and checked
 against torch before first use. Without a compiler, or if a build or a check fails, `lora_kernel()`,
 `attention_kernel()` or `linear_kernel()` is None and callers keep their torch path (the server logs
@@ -687,3 +688,74 @@ def _greedy_agrees(kernel: GreedyKernel) -> bool:
 def greedy_kernel() -> Optional[GreedyKernel]:
     """The batched greedy sampling kernel, or None where it can't be had."""
     return _checked("greedy_cpu.c", "CPU greedy sampling", GreedyKernel, _greedy_agrees)
+
+
+# ---- decoder_cpu.c: a decode step's layers in one call ----
+
+
+class DecodeKernels(ctypes.Structure):
+    """decoder_cpu.c's kernels: the other libraries' entry points, as function pointers."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("linear", "int8", "lora", "norm", "silu", "rope", "attention")]
+
+
+class DecodeProjection(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("pool", ctypes.c_void_p), ("in_features", ctypes.c_int64), ("out_features", ctypes.c_int64)]
+
+
+class DecodeLayer(ctypes.Structure):
+    _fields_ = [("in_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv", DecodeProjection),
+                ("o", DecodeProjection), ("gate_up", DecodeProjection), ("down", DecodeProjection),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p), ("window", ctypes.c_int64)]
+
+
+class DecodeStep(ctypes.Structure):
+    _fields_ = [*((name, ctypes.c_int64) for name in ("rows", "hidden", "heads", "kv_heads", "dim", "intermediate",
+                                                      "slots", "attend_len")),
+                ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                *((name, ctypes.c_void_p) for name in ("x", "normed", "qkv", "attn", "o_out", "gate_up", "act",
+                                                       "down_out", "cos", "sin", "slot_mapping", "gather", "lens",
+                                                       "scratch", "lo", "width", "order"))]
+
+
+DECODE_PLACES = {1: "a projection", 2: "a norm", 3: "RoPE and the K/V store", 4: "SiLU-mul", 5: "attention"}
+
+
+class DecodeLayersKernel:
+    """decoder_cpu.c:decode_layers, with the kernels it calls (their libraries already checked)."""
+
+    def __init__(self, function: Callable[..., int], kernels: DecodeKernels, keep: tuple) -> None:
+        self.function, self.kernels, self._keep = function, kernels, keep  # (keep: the libraries stay loaded)
+
+    def __call__(self, step: DecodeStep, layers: ctypes.Array) -> None:
+        rc = self.function(ctypes.byref(self.kernels), ctypes.byref(step), layers, len(layers))
+        if rc != 0:
+            code = -rc
+            layer, place, kernel_rc = code // 100, code % 100 // 10, code % 10
+            raise ValueError(f"decode_layers: layer {layer}: {DECODE_PLACES.get(place, 'its shapes')} failed "
+                             f"(code {-kernel_rc})")
+
+
+def _address(function: Callable) -> int:
+    return ctypes.cast(function, ctypes.c_void_p).value
+
+
+@functools.cache
+def decode_layers_kernel() -> Optional[DecodeLayersKernel]:
+    """decode_layers bound to linear_cpu.c's, norm_cpu.c's and attention_cpu.c's kernels (each checked
+    against torch on its own), or None where any of them can't be had."""
+    linear, norms = linear_kernel(), norm_kernels()
+    attention = _library("attention_cpu.c", "CPU decode attention") if attention_kernel() is not None else None
+    if linear is None or norms is None or attention is None:
+        return None
+    library = _library("decoder_cpu.c", "decode steps in one call (a Python loop over the layers)")
+    if library is None:
+        return None
+    function = library.decode_layers
+    function.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)
+    function.restype = ctypes.c_int
+    kernels = DecodeKernels(*(_address(f) for f in (linear.function, linear.int8_function, linear.lora_function,
+                                                    norms._add_norm, norms._silu_mul, norms._rope_store,
+                                                    attention.paged_decode_attention_bf16_avx512)))
+    return DecodeLayersKernel(function, kernels, (library, attention))

@@ -24,6 +24,7 @@ from server.kernels.elementwise import fused_kernels
 from server.model.arch import ArchConfig
 from server.model.attention import Attention, KVStore, StepTensors, Window, decode_masks, prefill_masks
 from server.model.checkpoint import load_weights
+from server.model.fused_decode import FusedDecode
 from server.model.layers import LoraTarget, Projection, RMSNorm, make_norm
 from server.model.rope import LongRope, Rotary, build_rotaries
 
@@ -167,6 +168,7 @@ class CausalLM(nn.Module):
         self.windows: set[Window] = set(cfg.layer_windows)
         self.rotaries: dict[str, Rotary] = {}  # made on the device by from_pretrained / init_rotaries
         self._recompute_lengths: frozenset[int] = frozenset()
+        self.fused_decode: Optional[FusedDecode] = None  # CPU bf16: decode steps' layers in one C call (the loader's)
 
     def init_rotaries(self, device: torch.device) -> None:
         self.rotaries = build_rotaries(self.config, device)
@@ -191,10 +193,8 @@ class CausalLM(nn.Module):
         if batch.lora is not None:
             batch.lora.begin_pass()
         step = self.step_tensors(batch, kv, h.dtype)
-        stream = Residual(h)
-        for layer in self.model.layers:
-            layer(stream, step)
-        h = stream.value()
+        fused = self.fused_decode.run(batch, kv, step, h) if self.fused_decode is not None else None
+        h = fused if fused is not None else self.layer_loop(h, step)
         if batch.logit_rows is not None:
             h = h[batch.logit_rows]
         elif not batch.is_decode:  # a decode step's rows are already each sequence's last token
@@ -203,6 +203,13 @@ class CausalLM(nn.Module):
         if self.config.final_softcap is not None:
             logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
         return logits.float()
+
+    def layer_loop(self, h: torch.Tensor, step: StepTensors) -> torch.Tensor:
+        """The residual stream after every layer, layer by layer in Python."""
+        stream = Residual(h)
+        for layer in self.model.layers:
+            layer(stream, step)
+        return stream.value()
 
     def lora_targets(self) -> dict[tuple[int, str], LoraTarget]:
         """(layer index, projection name) -> where that projection's LoRA hangs."""

@@ -15,6 +15,7 @@ from server.config import ModelConfig
 from server.errors import StartupError, one_line
 from server.model.decoder import CausalLM, prefer_planless_attention
 from server.model.default_model import DEFAULT_MODEL_NAME, default_model_dir
+from server.model.fused_decode import FusedDecode
 from server.model.generation import GenerationDefaults
 from server.model.layers import prepack_cpu_weights, quantize_int8
 from server.model.model_dir import local_model_dir
@@ -139,5 +140,8 @@ def load_model(config: ModelConfig, resolved: tuple[str, Path] | None = None) ->
         log.info("int8 decode weights: %.0f MB added", quantize_int8(model) / 2**20)
     if device.type == "cpu":
         log.info("CPU weights prepacked for oneDNN: %.0f MB added", prepack_cpu_weights(model) / 2**20)
+        model.fused_decode = FusedDecode.for_model(model)
+        if model.fused_decode is not None:
+            log.info("decode steps: every layer in one C call (decoder_cpu.c)")
     return LoadedModel(name, model_dir, model, tokenizer, device, dtype, GenerationDefaults.read(model_dir))
 
