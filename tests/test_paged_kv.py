@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import pytest
+import torch
 
 from server.engine.async_engine import GenerationInput
 from server.engine.kv_cache import BlockPool, PagedKVCache
@@ -200,6 +201,15 @@ def test_a_twin_waits_for_its_leaders_last_prompt_chunk(loaded):
     assert not any(r.output_ids for r in requests)
     engine.step()  # the leader's last chunk: every one of them has its first token
     assert [len(r.output_ids) for r in requests] == [1, 1, 1]
+    kv, length = engine.scheduler.kv, len(requests[0].prompt_ids)
+
+    def tail(request):  # the prompt's last partial block, every layer's keys and values
+        slots = [request.block_table[p // 16] * 16 + p % 16 for p in range(length // 16 * 16, length)]
+        return torch.stack([torch.stack([k[slots], v[slots]]) for k, v in zip(kv.keys, kv.values)])
+
+    leader_tail = tail(requests[0])
+    assert leader_tail.abs().sum() > 0 and all(torch.equal(tail(r), leader_tail) for r in requests[1:])
+    assert len({r.block_table[-1] for r in requests}) == 3  # each in its own last block
     while engine.step():
         pass
     assert [n for n in fed if n] == [48] * (steps - 1) + [len(requests[0].prompt_ids) - 48 * (steps - 1)]

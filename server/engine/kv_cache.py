@@ -34,6 +34,7 @@ class KVCache:
     paged = False
 
     def attends_in_place(self, batch: Any) -> bool:
+        """Dense slots have no C attention kernel (see PagedKVCache.attends_in_place)."""
         return False
 
     def may_copy(self, request: Any) -> bool:
@@ -384,17 +385,16 @@ class PagedKVCache:
         (a block others read in the step's forward must be written by it; a twin's is copied after)."""
         return self.prefix_caching and not request.options.prefill_logprobs and request.id not in self._promised
 
-    def copy_tokens(self, source: Any, target: Any, start: int, end: int) -> None:
-        """After a step: positions [start, end) of the source's keys and values, every layer, into
-        the target's blocks (one indexed copy of the pool)."""
-        positions = torch.arange(start, end)
-        size = self.block_size
-
-        def slots(request: Any) -> torch.Tensor:
-            table = torch.tensor(request.block_table, dtype=torch.long)
-            return (table[positions // size] * size + positions % size).to(self.device)
-
-        self._pool[:, :, slots(target)] = self._pool[:, :, slots(source)]
+    def copy_tokens(self, moves: Sequence[tuple[Any, Any, int, int]]) -> None:
+        """After a step: for each (source, target, start, end), positions [start, end) of the source's
+        keys and values, every layer, into the target's blocks; all in one indexed copy of the pool."""
+        size, sources, targets = self.block_size, [], []
+        for source, target, start, end in moves:
+            positions = torch.arange(start, end)
+            for request, slots in ((source, sources), (target, targets)):
+                table = torch.tensor(request.block_table, dtype=torch.long)
+                slots.append(table[positions // size] * size + positions % size)
+        self._pool[:, :, torch.cat(targets).to(self.device)] = self._pool[:, :, torch.cat(sources).to(self.device)]
 
     def register_computed(self, request: Any) -> None:
         """After a step: the request's blocks computed in full join the prefix cache now, before the

@@ -41,9 +41,9 @@ class ModelRunner:
         its own copy of the leader's logits row (sampling masks and penalties work rows in place)."""
         if not plan.twins:
             return logits
-        for twin in plan.twins:
-            leader = plan.requests[twin.leader_row]
-            self.kv.copy_tokens(leader, twin.request, twin.request.num_computed_tokens, leader.total_tokens)
+        leaders = [plan.requests[t.leader_row] for t in plan.twins]
+        self.kv.copy_tokens([(leader, t.request, t.request.num_computed_tokens, leader.total_tokens)
+                             for leader, t in zip(leaders, plan.twins)])
         rows = torch.tensor([t.leader_row for t in plan.twins], device=logits.device)
         return torch.cat([logits, logits.index_select(0, rows)])
 

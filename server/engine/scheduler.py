@@ -154,6 +154,8 @@ class Scheduler:
         """Split the prefilling requests (in admission order) into those that compute and the twins
         of an earlier one: the same tokens under the same adapter, where the cache lets it copy them
         (kv.may_copy). A twin whose leader's last prompt chunk is not in this step waits for it."""
+        if len(prefilling) < 2:  # (the common case: no key built over a long prompt's tokens each chunk)
+            return prefilling, []
         leaders: dict[tuple[int, tuple[int, ...]], Request] = {}
         computing, twins = [], []
         for request in prefilling:

@@ -34,8 +34,8 @@ class FusedDecode:
         self.hidden, self.heads, self.kv_heads = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads
         self.dim, self.intermediate, self.eps = cfg.head_dim, cfg.intermediate_size, cfg.rms_norm_eps
         self.scale, self.rope_key = self.layers[0].self_attn.scale, self.layers[0].self_attn.rope_key
-        self._tables: dict[tuple[int, bool], ctypes.Array] = {}  # (id of the cache, int8) -> layer table
-        self._cache: Any = None
+        self._tables: dict[bool, Optional[ctypes.Array]] = {}  # int8 -> the layer table (None: not fusable)
+        self._cache: Any = None  # the KV cache the tables point into
 
     @classmethod
     def for_model(cls, model: Any) -> Optional["FusedDecode"]:
@@ -64,20 +64,18 @@ class FusedDecode:
         if not all(t.dtype == torch.bfloat16 and t.is_contiguous() and t.shape == (rows, 1, self.dim)
                    for t in (cos, sin)):
             return None
-        int8 = rows <= INT8_MAX_ROWS and self.layers[0].self_attn.qkv_proj.int8 is not None
-        table = self._table(kv, int8)
-        if table is None:
-            return None
-        lora = batch.lora
-        if lora is not None:
-            table = self._with_pools(table, lora, rows)
-            if table is None:
-                return None
-        buffers = self._buffers(rows)
         gather, lens = batch.kv_index.gather, batch.kv_lens
         if not (gather.dtype == lens.dtype == torch.int64 and gather.is_contiguous() and lens.is_contiguous()
                 and gather.shape[0] == lens.shape[0] == rows and batch.kv_index.slot_mapping.shape == (rows,)):
             return None
+        int8 = rows <= INT8_MAX_ROWS and self.layers[0].self_attn.qkv_proj.int8 is not None
+        table = self._table(kv, int8)
+        lora = batch.lora
+        if table is not None and lora is not None:
+            table = self._with_pools(table, lora, rows)
+        if table is None:
+            return None
+        buffers = self._buffers(rows)
         scratch = torch.empty(max(1, self.heads // self.kv_heads) * gather.shape[1], dtype=torch.float32)
         lo, width, order = lora.step.pointers if lora is not None else (None, None, None)
         plan = native.DecodeStep(rows, self.hidden, self.heads, self.kv_heads, self.dim, self.intermediate,
@@ -95,15 +93,13 @@ class FusedDecode:
         return [torch.empty(rows, w, dtype=torch.bfloat16) for w in widths]
 
     def _table(self, kv: Any, int8: bool) -> Optional[ctypes.Array]:
+        """The layer table over this cache, built once per cache and weight kind (None, kept too:
+        these weights or this cache can't be fused)."""
         if kv is not self._cache:  # (one cache per engine; a new one gets new tables)
             self._cache, self._tables = kv, {}
-        key = (id(kv), int8)
-        if key not in self._tables:
-            table = _layer_table(self.layers, kv, int8)
-            if table is None:
-                return None
-            self._tables[key] = table
-        return self._tables[key]
+        if int8 not in self._tables:
+            self._tables[int8] = _layer_table(self.layers, kv, int8)
+        return self._tables[int8]
 
     def _with_pools(self, table: ctypes.Array, lora: Any, rows: int) -> Optional[ctypes.Array]:
         """A copy of the table with each projection's LoRA pool for this step, or None where the plan
